@@ -1,0 +1,88 @@
+"""Every environment variable vllm-kunlun reads, with its default and meaning.
+
+All reads go through this module so the documentation (docs/configuration.md) can be checked
+against one list.
+"""
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    name: str
+    default: str
+    help: str
+
+    def get(self) -> str:
+        return os.environ.get(self.name, self.default)
+
+
+VLLM_KUNLUN_EMULATE = EnvVar(
+    "VLLM_KUNLUN_EMULATE",
+    "0",
+    "1 runs the plugin on an emulated Kunlun XPU on the host CPU when no XPU runtime is found.",
+)
+VLLM_KUNLUN_EMULATED_MEMORY_GIB = EnvVar(
+    "VLLM_KUNLUN_EMULATED_MEMORY_GIB",
+    "4",
+    "Memory of each emulated XPU in GiB (weights, activations and KV cache together; "
+    "--gpu-memory-utilization is a fraction of it).",
+)
+VLLM_KUNLUN_KERNELS = EnvVar(
+    "VLLM_KUNLUN_KERNELS",
+    "auto",
+    "Kernel provider: 'auto' (the Kunlun library when kunlun_ops imports, else the reference "
+    "kernels), 'reference', or 'kunlun' (fail if kunlun_ops does not import).",
+)
+VLLM_KUNLUN_OP_STATS = EnvVar(
+    "VLLM_KUNLUN_OP_STATS",
+    "",
+    "Directory; every process that ran plugin ops writes ops-<pid>.json (op name -> calls) "
+    "there at exit.",
+)
+VLLM_KUNLUN_CACHE_DIR = EnvVar(
+    "VLLM_KUNLUN_CACHE_DIR",
+    "",
+    "Where the prepared default model is kept. Default: $XDG_CACHE_HOME/vllm-kunlun "
+    "(~/.cache/vllm-kunlun).",
+)
+XPU_VISIBLE_DEVICES = EnvVar(
+    "XPU_VISIBLE_DEVICES",
+    "",
+    "Comma-separated XPU indices this process may use (like CUDA_VISIBLE_DEVICES).",
+)
+
+ALL: tuple[EnvVar, ...] = (
+    VLLM_KUNLUN_EMULATE,
+    VLLM_KUNLUN_EMULATED_MEMORY_GIB,
+    VLLM_KUNLUN_KERNELS,
+    VLLM_KUNLUN_OP_STATS,
+    VLLM_KUNLUN_CACHE_DIR,
+    XPU_VISIBLE_DEVICES,
+)
+
+
+def emulation_requested() -> bool:
+    return VLLM_KUNLUN_EMULATE.get().strip().lower() in ("1", "true", "yes", "on")
+
+
+def visible_device_indices(available: int) -> list[int]:
+    """Device indices selected by XPU_VISIBLE_DEVICES, validated against `available`."""
+    raw = XPU_VISIBLE_DEVICES.get().strip()
+    if not raw:
+        return list(range(available))
+    try:
+        indices = [int(part) for part in raw.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(
+            f"XPU_VISIBLE_DEVICES={raw!r} is not a comma-separated list of device indices "
+            "(for example '0,1')."
+        ) from None
+    bad = [i for i in indices if not 0 <= i < available]
+    if bad:
+        raise ValueError(
+            f"XPU_VISIBLE_DEVICES={raw!r} names device(s) {bad}, but only {available} "
+            f"device(s) exist (indices 0..{available - 1})."
+        )
+    return indices

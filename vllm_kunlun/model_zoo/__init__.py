@@ -1,0 +1,1 @@
+"""Models the plugin can prepare without network access."""

@@ -1,0 +1,74 @@
+"""Choosing the kernel provider: the Kunlun vendor library, or the reference kernels.
+
+A provider is an object with one method per op in vllm_kunlun.ops.library, taking the op's
+arguments in the op's order; tests check that the signatures agree.
+"""
+
+import functools
+import importlib.util
+import logging
+
+from vllm_kunlun import envs
+from vllm_kunlun.ops import reference
+
+logger = logging.getLogger("vllm_kunlun")
+
+OP_NAMES = tuple(reference.__all__)
+
+
+class ReferenceProvider:
+    name = "reference"
+    description = "reference kernels (plain PyTorch)"
+
+    rms_norm = staticmethod(reference.rms_norm)
+    fused_add_rms_norm = staticmethod(reference.fused_add_rms_norm)
+    rotary_embedding = staticmethod(reference.rotary_embedding)
+    silu_and_mul = staticmethod(reference.silu_and_mul)
+    reshape_and_cache = staticmethod(reference.reshape_and_cache)
+
+    @staticmethod
+    def decode_attention(
+        out, query, key_cache, value_cache, block_table, seq_lens, seq_lens_cpu,
+        max_seq_len, max_model_len, scale, sliding_window, softcap,
+    ) -> None:  # fmt: skip
+        # Host copies and max_model_len size vendor kernels; the reference needs neither.
+        reference.decode_attention(
+            out, query, key_cache, value_cache, block_table, seq_lens,
+            max_seq_len, scale, sliding_window, softcap,
+        )  # fmt: skip
+
+    @staticmethod
+    def prefill_attention(
+        out, query, key_cache, value_cache, block_table, query_start_loc, query_start_loc_cpu,
+        seq_lens, seq_start_loc, seq_start_loc_cpu, max_query_len, max_seq_len,
+        scale, sliding_window, softcap,
+    ) -> None:  # fmt: skip
+        reference.prefill_attention(
+            out, query, key_cache, value_cache, block_table, query_start_loc, seq_lens,
+            max_query_len, max_seq_len, scale, sliding_window, softcap,
+        )  # fmt: skip
+
+
+def kunlun_library_available() -> bool:
+    return importlib.util.find_spec("kunlun_ops") is not None
+
+
+def choose_provider():
+    """The provider VLLM_KUNLUN_KERNELS asks for (see vllm_kunlun.envs)."""
+    choice = envs.VLLM_KUNLUN_KERNELS.get().strip().lower()
+    if choice not in ("auto", "reference", "kunlun"):
+        raise ValueError(
+            f"VLLM_KUNLUN_KERNELS={choice!r} is not one of 'auto', 'reference', 'kunlun'."
+        )
+    if choice == "reference" or (choice == "auto" and not kunlun_library_available()):
+        return ReferenceProvider()
+    from vllm_kunlun.ops.kunlun_binding import KunlunProvider
+
+    return KunlunProvider.load()
+
+
+@functools.cache
+def current_provider():
+    provider = choose_provider()
+    logger.info("vllm-kunlun kernel provider: %s", provider.description)
+    return provider

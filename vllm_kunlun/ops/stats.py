@@ -1,0 +1,50 @@
+"""Op accounting: how often each plugin op ran in this process.
+
+With VLLM_KUNLUN_OP_STATS=<dir>, a process that ran plugin ops writes <dir>/ops-<pid>.json
+({"op name": calls}) when it exits. Tests read these files to prove which kernels did the work.
+"""
+
+import atexit
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+from vllm_kunlun import envs
+
+_counts: Counter[str] = Counter()
+_hook_installed = False
+
+
+def record(op_name: str) -> None:
+    _counts[op_name] += 1
+
+
+def snapshot() -> dict[str, int]:
+    return dict(_counts)
+
+
+def write_stats(directory: str | os.PathLike[str]) -> Path | None:
+    """Write this process's counts to <directory>/ops-<pid>.json; None if no op ran."""
+    if not _counts:
+        return None
+    path = Path(directory) / f"ops-{os.getpid()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(sorted(_counts.items())), indent=1))
+    tmp.replace(path)
+    return path
+
+
+def _write_at_exit() -> None:
+    directory = envs.VLLM_KUNLUN_OP_STATS.get()
+    if directory:
+        write_stats(directory)
+
+
+def install_exit_hook() -> None:
+    """Arrange for the counts to be written at exit when VLLM_KUNLUN_OP_STATS is set."""
+    global _hook_installed
+    if not _hook_installed and envs.VLLM_KUNLUN_OP_STATS.get():
+        atexit.register(_write_at_exit)
+        _hook_installed = True

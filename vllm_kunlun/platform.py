@@ -1,0 +1,144 @@
+"""KunlunPlatform: how vLLM sees a Kunlun XPU.
+
+The class-level facts come from the device runtime (vllm_kunlun.device). On the emulated device
+the XPU computes on the host, so the platform builds on vLLM's CpuPlatform: vLLM's host-side
+handling (thread binding, gloo, spawn, no pinned memory, no graph capture) is right for it, and
+the Kunlun parts (kernels, attention backend, worker, memory, name) are overridden here.
+Overrides of vLLM CPU branches are listed in the README's architecture section.
+"""
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from vllm.platforms.cpu import CpuPlatform
+from vllm.platforms.interface import DeviceCapability, PlatformEnum
+
+from vllm_kunlun import envs
+from vllm_kunlun.attention import BACKEND_PATH
+from vllm_kunlun.device import current_runtime
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+    from vllm.v1.attention.selector import AttentionSelectorConfig
+
+logger = logging.getLogger("vllm_kunlun")
+_runtime = current_runtime()
+
+#: vLLM layer classes the plugin replaces (vllm_kunlun.layers registers them).
+OOT_LAYER_NAMES = ("RMSNorm", "RotaryEmbedding", "SiluAndMul")
+
+#: Block sizes the Kunlun kernels read (KUNLUN.md §3.4 uses 16, 64 and 128).
+DEFAULT_BLOCK_SIZE = 64
+
+
+class KunlunPlatform(CpuPlatform):
+    _enum = PlatformEnum.OOT
+    # vLLM uses device_name as the torch.distributed device string on OOT platforms.
+    device_name: str = _runtime.torch_device_type
+    device_type: str = _runtime.torch_device_type
+    dispatch_key: str = "CPU" if _runtime.is_host else "CUDA"
+    dist_backend: str = _runtime.dist_backend
+    ray_device_key: str = "CPU" if _runtime.is_host else "GPU"
+    supported_quantization: list[str] = []
+
+    def is_cpu(self) -> bool:
+        # vLLM's host-device branches (memory nodes, OMP, gloo) apply to the emulated device.
+        return _runtime.is_host
+
+    @property
+    def supported_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float16, torch.float32]
+
+    @classmethod
+    def check_if_supports_dtype(cls, dtype: torch.dtype) -> None:
+        if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(
+                f"Kunlun XPUs run models in bfloat16, float16 or float32, not {dtype}. "
+                "Pass --dtype bfloat16 (or float16/float32)."
+            )
+
+    @classmethod
+    def get_device_name(cls, device_id: int = 0) -> str:
+        return _runtime.name
+
+    @classmethod
+    def get_device_capability(cls, device_id: int = 0) -> DeviceCapability | None:
+        return None
+
+    @classmethod
+    def device_count(cls) -> int:
+        return len(envs.visible_device_indices(_runtime.physical_device_count()))
+
+    @classmethod
+    def get_device_total_memory(cls, device_id: int = 0) -> int:
+        return _runtime.total_memory(device_id)
+
+    @classmethod
+    def get_device_free_memory(cls, device_id: int = 0) -> int:
+        return _runtime.free_memory(device_id)
+
+    @classmethod
+    def get_attn_backend_cls(
+        cls,
+        selected_backend: "AttentionBackendEnum",
+        attn_selector_config: "AttentionSelectorConfig",
+        num_heads: int | None = None,
+    ) -> str:
+        if attn_selector_config.use_mla or attn_selector_config.use_sparse:
+            raise NotImplementedError(
+                "vllm-kunlun does not support MLA or sparse attention models yet; "
+                "see docs/support-matrix.md."
+            )
+        if selected_backend is not None and selected_backend.name != "CUSTOM":
+            logger.warning(
+                "Attention backend %s is not available on Kunlun; using the Kunlun backend.",
+                selected_backend.name,
+            )
+        return BACKEND_PATH
+
+    @classmethod
+    def get_device_communicator_cls(cls) -> str:
+        return _runtime.communicator_cls
+
+    @classmethod
+    def verify_quantization(cls, quant: str) -> None:
+        raise ValueError(
+            f"vllm-kunlun does not support quantization ({quant!r}) yet. Serve an "
+            "unquantized checkpoint (bfloat16/float16) instead."
+        )
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config: "VllmConfig") -> None:
+        cache_config = vllm_config.cache_config
+        user_block_size = cache_config.user_specified_block_size
+        super().check_and_update_config(vllm_config)
+        if not user_block_size:
+            cache_config.block_size = DEFAULT_BLOCK_SIZE
+        elif cache_config.block_size % 16:
+            raise ValueError(
+                f"--block-size {cache_config.block_size} is not supported on Kunlun; "
+                "use a multiple of 16 (16, 32, 64 or 128)."
+            )
+        if cache_config.cache_dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(
+                f"--kv-cache-dtype {cache_config.cache_dtype} is not supported by vllm-kunlun "
+                "yet; use --kv-cache-dtype auto."
+            )
+        parallel_config = vllm_config.parallel_config
+        if parallel_config.worker_cls in ("auto", "vllm.v1.worker.cpu_worker.CPUWorker"):
+            parallel_config.worker_cls = _runtime.worker_cls
+        cls._route_layers_to_plugin_ops(vllm_config)
+
+    @classmethod
+    def _route_layers_to_plugin_ops(cls, vllm_config: "VllmConfig") -> None:
+        """Keep the plugin's layer ops enabled under every compile mode.
+
+        With the inductor backend vLLM disables custom ops by default, so layers would run
+        their torch-native forward instead of the plugin's kernels.
+        """
+        custom_ops = vllm_config.compilation_config.custom_ops
+        for name in OOT_LAYER_NAMES:
+            if f"-{name}" not in custom_ops and f"+{name}" not in custom_ops:
+                custom_ops.append(f"+{name}")

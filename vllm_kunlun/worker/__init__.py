@@ -1,0 +1,1 @@
+"""Worker classes: vLLM's workers, subclassed for the Kunlun device runtimes."""
