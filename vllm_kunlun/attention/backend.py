@@ -140,7 +140,9 @@ class KunlunAttentionImpl(AttentionImpl[KunlunAttentionMetadata]):
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError("vllm-kunlun does not fuse output quantization into attention.")
+            raise NotImplementedError(
+                "vllm-kunlun does not fuse output quantization into attention."
+            )
         if attn_metadata is None:  # profiling run: no KV cache yet
             return output.fill_(0)
 

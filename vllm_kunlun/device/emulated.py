@@ -14,9 +14,7 @@ class EmulatedRuntime(DeviceRuntime):
     dist_backend = "gloo"
     is_host = True
     worker_cls = "vllm_kunlun.worker.emulated.EmulatedKunlunWorker"
-    communicator_cls = (
-        "vllm.distributed.device_communicators.cpu_communicator.CpuCommunicator"
-    )
+    communicator_cls = "vllm.distributed.device_communicators.cpu_communicator.CpuCommunicator"
 
     def __init__(self) -> None:
         # Bytes the plugin has placed on each emulated device (weights, KV cache).

@@ -83,4 +83,3 @@ class EmulatedKunlunWorker(CPUWorker):
         return self.runtime.total_memory(self.local_rank) - self.runtime.free_memory(
             self.local_rank
         )
-

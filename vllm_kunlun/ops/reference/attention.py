@@ -8,9 +8,7 @@ mask carries causality, sequence ends and the sliding window.
 import torch
 
 
-def gather_kv(
-    cache: torch.Tensor, block_table: torch.Tensor, max_seq_len: int
-) -> torch.Tensor:
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, max_seq_len: int) -> torch.Tensor:
     """[num_blocks, Hkv, block_size, D] pages -> [requests, Hkv, padded_len, D] per request."""
     block_size = cache.shape[2]
     num_blocks = -(-max_seq_len // block_size)
@@ -97,9 +95,9 @@ def prefill_attention(
     request_of_token = torch.repeat_interleave(
         torch.arange(requests, device=query.device), query_lens, output_size=num_tokens
     )
-    row_in_request = torch.arange(num_tokens, device=query.device) - query_start_loc[
-        request_of_token
-    ]
+    row_in_request = (
+        torch.arange(num_tokens, device=query.device) - query_start_loc[request_of_token]
+    )
 
     padded = query.new_zeros(requests, max_query_len, heads, head_size)
     padded[request_of_token, row_in_request] = query

@@ -1,0 +1,105 @@
+"""Shared helpers for tests that start vLLM engines or compare with Hugging Face transformers."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+    "In 1969, the first person to walk on the moon",
+    "A haiku about the sea:",
+    "The quick brown fox",
+]
+
+
+def run_generation(
+    model: str | Path,
+    prompts: list[str],
+    max_tokens: int,
+    *,
+    env: dict[str, str] | None = None,
+    dtype: str = "float32",
+    timeout: int = 600,
+    **engine_kwargs,
+) -> dict:
+    """Greedy generation in a fresh process; returns {"platform", "token_ids", "texts", "log"}.
+
+    `env` entries are added to (or, with value None, removed from) the current environment.
+    """
+    spec = {"model": str(model), "prompts": prompts, "max_tokens": max_tokens, "dtype": dtype,
+            "engine_kwargs": engine_kwargs}  # fmt: skip
+    child_env = dict(os.environ)
+    for key, value in (env or {}).items():
+        if value is None:
+            child_env.pop(key, None)
+        else:
+            child_env[key] = value
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.generate", json.dumps(spec)],
+        cwd=REPO, env=child_env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    log = proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise AssertionError(f"generation failed (exit {proc.returncode}):\n{log[-6000:]}")
+    result = json.loads(lines[-1][len("RESULT ") :])
+    result["log"] = log
+    return result
+
+
+def emulation_env(op_stats_dir: str | Path | None = None, **extra: str) -> dict[str, str]:
+    env = {"VLLM_KUNLUN_EMULATE": "1", "VLLM_KUNLUN_EMULATED_MEMORY_GIB": "2"}
+    if op_stats_dir is not None:
+        env["VLLM_KUNLUN_OP_STATS"] = str(op_stats_dir)
+    env.update(extra)
+    return env
+
+
+def read_op_stats(directory: str | Path) -> dict[str, int]:
+    """Op counts summed over every ops-<pid>.json in `directory`."""
+    total: dict[str, int] = {}
+    for path in Path(directory).glob("ops-*.json"):
+        for name, count in json.loads(path.read_text()).items():
+            total[name] = total.get(name, 0) + count
+    return total
+
+
+def hf_greedy(model: str | Path, prompts: list[str], max_tokens: int) -> list[list[int]]:
+    """Hugging Face transformers' greedy continuations (float32), as token ids.
+
+    A plain argmax loop: `generate(min_new_tokens=...)` would mask EOS, while vLLM's
+    `ignore_eos` keeps EOS as a candidate and only keeps going after it.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    hf_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    results = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            out = hf_model(ids, use_cache=True)
+            generated: list[int] = []
+            for _ in range(max_tokens):
+                next_id = out.logits[0, -1].argmax().item()
+                generated.append(next_id)
+                out = hf_model(
+                    torch.tensor([[next_id]]), past_key_values=out.past_key_values, use_cache=True
+                )
+            results.append(generated)
+    return results
+
+
+def default_model_dir() -> Path:
+    from vllm_kunlun.model_zoo.default_model import prepare_default_model
+
+    return prepare_default_model()

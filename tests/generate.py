@@ -1,0 +1,36 @@
+"""Run greedy generation through vLLM in a fresh process and print the result as JSON.
+
+Used by the tests (tests/engine.py) so every engine starts in its own process with its own
+environment. Usage: python -m tests.generate SPEC_JSON  where SPEC_JSON holds
+{"model", "prompts", "max_tokens", "dtype", "engine_kwargs"}.
+"""
+
+import json
+import sys
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    from vllm import LLM, SamplingParams
+    from vllm.platforms import current_platform
+
+    llm = LLM(
+        model=spec["model"],
+        dtype=spec.get("dtype", "float32"),
+        enforce_eager=spec.get("enforce_eager", True),
+        max_model_len=spec.get("max_model_len", 1024),
+        seed=0,
+        **spec.get("engine_kwargs", {}),
+    )
+    params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True)
+    outputs = llm.generate(spec["prompts"], params)
+    result = {
+        "platform": type(current_platform).__name__,
+        "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+        "texts": [o.outputs[0].text for o in outputs],
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Tiny random-weight checkpoints the tests generate, with the default model's tokenizer.
+
+Weights are drawn with a larger spread than a real initialisation so the next-token
+distributions are peaked: greedy comparisons then test the arithmetic, not float ties.
+"""
+
+import shutil
+from pathlib import Path
+
+import torch
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+ARCHITECTURES: dict[str, dict] = {
+    # GQA 4:2, head_dim 32.
+    "llama": dict(
+        model_type="llama",
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        rope_theta=10000.0,
+    ),
+    # GQA 4:1 (MQA-like), head_dim 80, qkv bias.
+    "qwen2": dict(
+        model_type="qwen2",
+        hidden_size=320,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        rope_theta=1000000.0,
+    ),
+    # q/k RMSNorm, GQA 6:2, head_dim 128 (wider than hidden / heads).
+    "qwen3": dict(
+        model_type="qwen3",
+        hidden_size=192,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=128,
+        rope_theta=1000000.0,
+    ),
+}
+
+
+def make_tiny_checkpoint(arch: str, target: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = dict(ARCHITECTURES[arch])
+    model_type = settings.pop("model_type")
+    config = AutoConfig.for_model(
+        model_type, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=False,
+        initializer_range=0.08, bos_token_id=1, eos_token_id=2, **settings,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(target, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        source = tokenizer_dir / name
+        if source.exists():
+            shutil.copy(source, target / name)
+    return target
