@@ -2,7 +2,8 @@
 
 Used by the tests (tests/engine.py) so every engine starts in its own process with its own
 environment. Usage: python -m tests.generate SPEC_JSON  where SPEC_JSON holds
-{"model", "prompts", "max_tokens", "dtype", "engine_kwargs"}.
+{"model", "prompts", "max_tokens", "dtype", "engine_kwargs"}; engines are eager unless
+engine_kwargs says otherwise.
 """
 
 import json
@@ -14,14 +15,8 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.platforms import current_platform
 
-    llm = LLM(
-        model=spec["model"],
-        dtype=spec.get("dtype", "float32"),
-        enforce_eager=spec.get("enforce_eager", True),
-        max_model_len=spec.get("max_model_len", 1024),
-        seed=0,
-        **spec.get("engine_kwargs", {}),
-    )
+    engine_kwargs = {"enforce_eager": True, "max_model_len": 1024, **spec["engine_kwargs"]}
+    llm = LLM(model=spec["model"], dtype=spec["dtype"], seed=0, **engine_kwargs)
     params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True)
     outputs = llm.generate(spec["prompts"], params)
     result = {

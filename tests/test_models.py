@@ -40,3 +40,43 @@ def test_default_model_matches_transformers(default_model, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_tiny_models_match_transformers(arch, tiny_model_factory, tmp_path):
     check_model(tiny_model_factory(arch), tmp_path)
+
+
+LONG_PREFIX = (
+    "Kunlun is a family of AI accelerators. The third generation, the P800, serves large "
+    "language models in data centres, and vLLM schedules their requests in batches. "
+) * 3
+LONG_PROMPTS = [LONG_PREFIX + tail for tail in ("Question one:", "Another question", "Last")]
+
+
+def test_chunked_prefill_prefix_hits_and_mixed_batches_match_transformers(
+    tiny_model_factory, tmp_path
+):
+    """A 64-token step budget splits the ~110-token prompts into chunks, mixes prefill chunks
+    with decodes in one step, and lets later requests reuse the shared prefix's cached blocks."""
+    model = tiny_model_factory("llama")
+    prompts = LONG_PROMPTS + PROMPTS[:3]
+    result = run_generation(
+        model, prompts, 16, env=emulation_env(tmp_path / "ops"),
+        max_num_batched_tokens=64, max_num_seqs=4, enable_prefix_caching=True, block_size=16,
+    )  # fmt: skip
+    reference = hf_greedy(model, prompts, 16)
+    for got, want, prompt in zip(result["token_ids"], reference, prompts, strict=True):
+        assert got == want, f"{prompt[-20:]!r}: plugin {got} vs HF {want}"
+
+
+def test_sliding_window_matches_transformers(tiny_model_factory, tmp_path):
+    model = tiny_model_factory("mistral")
+    result = run_generation(model, LONG_PROMPTS, 16, env=emulation_env(tmp_path / "ops"))
+    assert result["token_ids"] == hf_greedy(model, LONG_PROMPTS, 16)
+
+
+def test_compile_mode_matches_transformers(tiny_model_factory, tmp_path):
+    """vLLM's default torch.compile path traces the plugin ops through their fake kernels."""
+    model = tiny_model_factory("qwen3")
+    stats_dir = tmp_path / "ops"
+    result = run_generation(model, PROMPTS[:4], 16, env=emulation_env(stats_dir),
+                            enforce_eager=False)  # fmt: skip
+    assert result["token_ids"] == hf_greedy(model, PROMPTS[:4], 16)
+    counts = read_op_stats(stats_dir)
+    assert all(counts.get(op, 0) > 0 for op in PLUGIN_OPS), counts

@@ -44,6 +44,18 @@ ARCHITECTURES: dict[str, dict] = {
         head_dim=128,
         rope_theta=1000000.0,
     ),
+    # Sliding window of 24 tokens: prompts in the tests are longer, so the window matters.
+    "mistral": dict(
+        model_type="mistral",
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        rope_theta=10000.0,
+        sliding_window=24,
+    ),
 }
 
 

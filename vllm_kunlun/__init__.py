@@ -5,13 +5,10 @@ platform should be active, and `register_ops` (group `vllm.general_plugins`) in 
 let the plugin register its layers and attention backend.
 """
 
-import logging
-
 __version__ = "0.1.0"
 
 PLATFORM_PATH = "vllm_kunlun.platform.KunlunPlatform"
 
-logger = logging.getLogger("vllm_kunlun")
 _ops_registered = False
 
 

@@ -7,7 +7,6 @@ the Kunlun parts (kernels, attention backend, worker, memory, name) are overridd
 Overrides of vLLM CPU branches are listed in the README's architecture section.
 """
 
-import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,13 +16,14 @@ from vllm.platforms.interface import DeviceCapability, PlatformEnum
 from vllm_kunlun import envs
 from vllm_kunlun.attention import BACKEND_PATH
 from vllm_kunlun.device import current_runtime
+from vllm_kunlun.log import get_logger
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
     from vllm.v1.attention.selector import AttentionSelectorConfig
 
-logger = logging.getLogger("vllm_kunlun")
+logger = get_logger("platform")
 _runtime = current_runtime()
 
 #: vLLM layer classes the plugin replaces (vllm_kunlun.layers registers them).
@@ -108,6 +108,22 @@ class KunlunPlatform(CpuPlatform):
             f"vllm-kunlun does not support quantization ({quant!r}) yet. Serve an "
             "unquantized checkpoint (bfloat16/float16) instead."
         )
+
+    @classmethod
+    def validate_environ(cls, hard_fail: bool) -> None:
+        """vLLM's check for unknown VLLM_* variables, knowing the plugin's own."""
+        import os
+
+        from vllm import envs as vllm_envs
+
+        ours = {var.name for var in envs.ALL}
+        for name in os.environ:
+            if name.startswith("VLLM_") and name not in vllm_envs.environment_variables:
+                if name in ours:
+                    continue
+                if hard_fail:
+                    raise ValueError(f"Unknown vLLM environment variable detected: {name}")
+                logger.warning("Unknown vLLM environment variable detected: %s", name)
 
     @classmethod
     def check_and_update_config(cls, vllm_config: "VllmConfig") -> None:

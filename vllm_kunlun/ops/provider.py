@@ -6,12 +6,12 @@ arguments in the op's order; tests check that the signatures agree.
 
 import functools
 import importlib.util
-import logging
 
 from vllm_kunlun import envs
+from vllm_kunlun.log import get_logger
 from vllm_kunlun.ops import reference
 
-logger = logging.getLogger("vllm_kunlun")
+logger = get_logger("ops")
 
 OP_NAMES = tuple(reference.__all__)
 

@@ -6,21 +6,38 @@ vLLM's CPU worker sizes the KV cache from the host's NUMA node and reads
 real device: KV cache = total * utilization - weights - peak activations.
 """
 
+import contextlib
 import resource
+from pathlib import Path
 
-from vllm.logger import init_logger
+import psutil
 from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_worker import Worker
 
 from vllm_kunlun.device import EmulatedRuntime, current_runtime
-from vllm_kunlun.ops import stats
+from vllm_kunlun.log import get_logger
+from vllm_kunlun.worker import on_worker_start
 
-logger = init_logger(__name__)
+logger = get_logger("worker")
 GiB = 1 << 30
 
 
+def _reset_peak_rss() -> None:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
+    # Where unsupported, the peak covers the process lifetime: a safe over-estimate.
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def _peak_rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
 
 
 class EmulatedKunlunWorker(CPUWorker):
@@ -34,22 +51,29 @@ class EmulatedKunlunWorker(CPUWorker):
         Worker.__init__(self, vllm_config, local_rank, rank, distributed_init_method,
                         is_driver_worker=is_driver_worker)  # fmt: skip
         self.parallel_config.disable_custom_all_reduce = True
-        stats.install_exit_hook()
+        on_worker_start()
+
+    def load_model(self, *args, **kwargs) -> None:
+        # Measured rather than summed over parameters: vLLM's CPU GEMM packs linear weights
+        # into its own buffers and drops them from the module.
+        before = _rss_bytes()
+        super().load_model(*args, **kwargs)
+        self.weights_bytes = max(0, _rss_bytes() - before)
+        self.runtime.record_allocation(self.local_rank, self.weights_bytes)
 
     def determine_available_memory(self) -> int:
         explicit = self.cache_config.kv_cache_memory_bytes
         device_index = self.local_rank
         total = self.runtime.total_memory(device_index)
-        weights = sum(
-            t.numel() * t.element_size()
-            for t in list(self.model_runner.model.parameters())
-            + list(self.model_runner.model.buffers())
-        )
-        self.runtime.record_allocation(device_index, weights)
+        weights = self.weights_bytes
 
-        rss_before = _peak_rss_bytes()
+        # Peak activations of the largest batch, as the GPU worker measures them.
+        rss_before = _rss_bytes()
+        _reset_peak_rss()
         if self._should_warm_up_model():
             self.model_runner.warming_up_model()
+        else:
+            self.model_runner.profile_run()
         activations = max(0, _peak_rss_bytes() - rss_before)
 
         if explicit is not None:
@@ -78,8 +102,3 @@ class EmulatedKunlunWorker(CPUWorker):
         super().initialize_from_config(kv_cache_config)
         kv_bytes = sum(t.size for t in kv_cache_config.kv_cache_tensors)
         self.runtime.record_allocation(self.local_rank, kv_bytes)
-
-    def get_device_memory_in_use(self) -> int:
-        return self.runtime.total_memory(self.local_rank) - self.runtime.free_memory(
-            self.local_rank
-        )

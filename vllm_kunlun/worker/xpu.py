@@ -6,10 +6,10 @@ vLLM's GPU worker and model runner drive them as the public Kunlun plugin does (
 
 from vllm.v1.worker.gpu_worker import Worker
 
-from vllm_kunlun.ops import stats
+from vllm_kunlun.worker import on_worker_start
 
 
 class KunlunWorker(Worker):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        stats.install_exit_hook()
+        on_worker_start()
