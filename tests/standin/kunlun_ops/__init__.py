@@ -1,0 +1,342 @@
+"""A stand-in for the Kunlun kernel library `kunlun_ops`, for tests only (put tests/standin on
+PYTHONPATH to make `import kunlun_ops` find it).
+
+Each function has the call form KUNLUN.md records for kunlun_ops 0.1.58 (positional-only and
+keyword-only parameters where the recorded call sites pass them that way) and checks every call
+against the recorded contract: argument names and order, dtypes (int32 lods, block tables and
+lengths), contiguity of every tensor (C1), shapes and layouts, host copies next to device tensors
+(C3), outputs preallocated by the caller (C2). A violation raises AssertionError. The result is
+then computed with vllm_kunlun.ops.reference, reading the caches the way the kernels are inferred
+to: block id b is page b of the contiguous cache tensor that was passed, whatever else that
+memory belongs to.
+
+Where KUNLUN.md records no behaviour, the stand-in assumes vLLM's: swiglu gates the first half,
+negative slots are skipped, a sliding window of w covers w keys including the current one.
+
+KUNLUN_STANDIN_FORM=active|legacy (read at import) selects which recorded signature of rmsnorm and
+add_rmsnorm this module exposes. Calls are counted in CALLS; with KUNLUN_STANDIN_CALLS=<dir> each
+process writes its counts to <dir>/calls-<pid>.json at exit.
+"""
+
+import atexit
+import functools
+import inspect
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from vllm_kunlun.ops import reference
+
+__version__ = "0.1.58+standin"
+FORM = os.environ.get("KUNLUN_STANDIN_FORM", "active")
+if FORM not in ("active", "legacy"):
+    raise ValueError(f"KUNLUN_STANDIN_FORM={FORM!r} is not 'active' or 'legacy'")
+
+CALLS: Counter[str] = Counter()
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _write_calls() -> None:
+    directory = os.environ.get("KUNLUN_STANDIN_CALLS")
+    if directory and CALLS:
+        path = Path(directory) / f"calls-{os.getpid()}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dict(CALLS)))
+
+
+atexit.register(_write_calls)
+
+
+def _kernel(fn: Callable) -> Callable:
+    """Check the call form against `fn`'s recorded signature, count the call, run `fn`."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise AssertionError(
+                f"kunlun_ops.{checked.__name__}: call does not match the recorded form "
+                f"{checked.__name__}{signature}: {error}"
+            ) from None
+        CALLS[checked.__name__] += 1
+        return fn(*args, **kwargs)
+
+    return checked
+
+
+# Contract checks ---------------------------------------------------------------------------
+
+
+def _expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(f"kunlun_ops stand-in: {message}")
+
+
+def _tensor(name: str, t: object, ndim: int | None = None) -> torch.Tensor:
+    _expect(isinstance(t, torch.Tensor), f"{name} must be a tensor, got {type(t).__name__}")
+    _expect(t.is_contiguous(), f"{name} must be contiguous (C1), got strides {t.stride()}")
+    if ndim is not None:
+        _expect(t.dim() == ndim, f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def _floating(name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    _expect(t.dtype in FLOAT_DTYPES, f"{name} must be fp32/fp16/bf16, got {t.dtype}")
+    if dtype is not None:
+        _expect(t.dtype == dtype, f"{name} must be {dtype}, got {t.dtype}")
+
+
+def _int32(name: str, t: torch.Tensor) -> None:
+    _expect(t.dtype == torch.int32, f"{name} must be int32 (C5), got {t.dtype}")
+
+
+def _output(name: str, out: object, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    _tensor(name, out)
+    _expect(tuple(out.shape) == shape, f"{name} must be preallocated as {shape}, got {out.shape}")
+    _expect(out.dtype == like.dtype, f"{name} must have dtype {like.dtype}, got {out.dtype}")
+    return out
+
+
+def _host_and_device(name: str, cpu: object, xpu: object, ndim: int = 1) -> torch.Tensor:
+    """A C3 pair: the same int32 values as a host tensor and as a device tensor."""
+    _tensor(f"{name}_cpu", cpu, ndim)
+    _tensor(f"{name}_xpu", xpu, ndim)
+    _int32(f"{name}_cpu", cpu)
+    _int32(f"{name}_xpu", xpu)
+    _expect(cpu.device.type == "cpu", f"{name}_cpu must be a host tensor, got {cpu.device}")
+    _expect(torch.equal(cpu, xpu.cpu()), f"{name}_cpu and {name}_xpu hold different values")
+    return cpu
+
+
+def _lod(name: str, cpu: object, xpu: object, batch: int) -> torch.Tensor:
+    lod = _host_and_device(name, cpu, xpu)
+    _expect(lod.numel() == batch + 1, f"{name} must have batch+1={batch + 1} entries")
+    _expect(lod[0] == 0 and bool((lod.diff() >= 0).all()), f"{name} must be a lod [0, ...]")
+    return lod
+
+
+def _paged_cache(name: str, cache: object, like: torch.Tensor) -> torch.Tensor:
+    _tensor(name, cache, 4)  # [blocks, Hkv, block_size, D] (BHLD)
+    _expect(cache.dtype == like.dtype, f"{name} must have dtype {like.dtype}, got {cache.dtype}")
+    _expect(cache.shape[-1] == like.shape[-1], f"{name} head dim must be {like.shape[-1]}")
+    return cache
+
+
+def _used_blocks(
+    block_table: object, lens: torch.Tensor, block_size: int, caches: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
+    """Block ids the requests read are pages of every cache; unused entries are zeroed."""
+    _tensor("block_table", block_table, 2)
+    _int32("block_table", block_table)
+    _expect(block_table.shape[0] == lens.numel(), "block_table must have one row per request")
+    needed = (lens.long() + block_size - 1) // block_size
+    _expect(int(needed.max()) <= block_table.shape[1], "block_table has too few columns")
+    used = torch.arange(block_table.shape[1]) < needed.cpu()[:, None]
+    ids = block_table.cpu()[used]
+    for cache in caches:
+        in_range = bool(((ids >= 0) & (ids < cache.shape[0])).all())
+        _expect(in_range, f"block ids out of range for a cache of {cache.shape[0]} blocks")
+    return block_table.masked_fill(~used.to(block_table.device), 0)
+
+
+def _window(name: str, window: int) -> int:
+    _expect(isinstance(window, int) and (window == -1 or window > 0),
+            f"{name} must be -1 (none) or a positive window, got {window!r}")  # fmt: skip
+    return window
+
+
+def _not_modeled(name: str, value: object) -> None:
+    _expect(value is None, f"{name} is not modeled by the stand-in; the plugin passes None")
+
+
+# Norms -------------------------------------------------------------------------------------
+
+
+def _norm_args(x: object, weight: object, weight_dtype: torch.dtype | None) -> None:
+    _tensor("x", x)
+    _floating("x", x)
+    _tensor("weight", weight, 1)
+    _expect(weight.numel() == x.shape[-1], "weight must be [hidden]")
+    _floating("weight", weight, weight_dtype or x.dtype)
+
+
+def _rms_norm_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    out.copy_(reference.rms_norm(x, weight, eps))
+
+
+@_kernel
+def _rmsnorm_active(x, weight, output, eps, /) -> None:
+    """(x, weight, output, eps): weight in the model dtype (active path, §2a)."""
+    _norm_args(x, weight, None)
+    _rms_norm_into(_output("output", output, x, tuple(x.shape)), x, weight, eps)
+
+
+@_kernel
+def _rmsnorm_legacy(x, weight, eps, /, *, out) -> None:
+    """(x, weight_fp32, eps, out=): the legacy path cast the weight to fp32 (§2a)."""
+    _norm_args(x, weight, torch.float32)
+    _rms_norm_into(_output("out", out, x, tuple(x.shape)), x, weight, eps)
+
+
+@_kernel
+def _add_rmsnorm_active(x, residual, /, *, residual_output, weight, eps, output) -> None:
+    """output = norm(x + residual) * weight, residual_output = x + residual; may alias x/r."""
+    _norm_args(x, weight, None)
+    _tensor("residual", residual)
+    _expect(residual.shape == x.shape and residual.dtype == x.dtype, "residual must match x")
+    total = x + residual  # read everything before writing: outputs may alias the inputs
+    normed = reference.rms_norm(total, weight, eps)
+    _output("residual_output", residual_output, x, tuple(x.shape)).copy_(total)
+    _output("output", output, x, tuple(x.shape)).copy_(normed)
+
+
+@_kernel
+def _add_rmsnorm_legacy(x, residual, weight, eps, /, *, out) -> None:
+    """out = norm(x + residual) * weight_fp32; the caller keeps the sum itself (§2a)."""
+    _norm_args(x, weight, torch.float32)
+    _tensor("residual", residual)
+    _expect(residual.shape == x.shape and residual.dtype == x.dtype, "residual must match x")
+    _rms_norm_into(_output("out", out, x, tuple(x.shape)), x + residual, weight, eps)
+
+
+_rmsnorm_active.__name__ = _rmsnorm_legacy.__name__ = "rmsnorm"
+_add_rmsnorm_active.__name__ = _add_rmsnorm_legacy.__name__ = "add_rmsnorm"
+rmsnorm = _rmsnorm_active if FORM == "active" else _rmsnorm_legacy
+add_rmsnorm = _add_rmsnorm_active if FORM == "active" else _add_rmsnorm_legacy
+
+
+# Activation and rotary embedding -----------------------------------------------------------
+
+
+@_kernel
+def swiglu(*, x, y) -> None:
+    """y = silu(x[..., :d]) * x[..., d:] (the gated half is inferred, §4.4)."""
+    _tensor("x", x)
+    _floating("x", x)
+    _expect(x.shape[-1] % 2 == 0, "x's last dimension must be even")
+    _output("y", y, x, (*x.shape[:-1], x.shape[-1] // 2))
+    y.copy_(reference.silu_and_mul(x))
+
+
+@_kernel
+def rotary_embedding(*, positions, query, key, head_size, cos_sin_cache, is_neox) -> None:
+    """In place on query [T, H*D] and key [T, Hkv*D]; cos_sin_cache [max_pos, rot] = [cos|sin]."""
+    _tensor("positions", positions, 1)
+    _expect(not positions.dtype.is_floating_point, "positions must be integers")
+    num_tokens = positions.numel()
+    _expect(isinstance(head_size, int) and isinstance(is_neox, bool), "head_size/is_neox types")
+    for name, t in (("query", query), ("key", key)):
+        _tensor(name, t, 2)
+        _floating(name, t, query.dtype)
+        _expect(t.shape[0] == num_tokens and t.shape[1] % head_size == 0,
+                f"{name} must be [T, heads*head_size], got {tuple(t.shape)}")  # fmt: skip
+    _tensor("cos_sin_cache", cos_sin_cache, 2)
+    _floating("cos_sin_cache", cos_sin_cache, query.dtype)  # the caller casts it (§2c)
+    rotary_dim = cos_sin_cache.shape[1]
+    _expect(rotary_dim % 2 == 0 and rotary_dim <= head_size, "bad rotary_dim")
+    reference.rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)
+
+
+# KV cache and attention --------------------------------------------------------------------
+
+
+@_kernel
+def reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, /, *,
+                            BLHD_LAYOUT=False) -> None:  # fmt: skip
+    """Scatter key/value [T, Hkv, D] into the BHLD caches at slot = block * bs + offset."""
+    _expect(BLHD_LAYOUT is False, "only BLHD_LAYOUT=False (BHLD caches) is modeled")
+    for name, t in (("key", key), ("value", value)):
+        _tensor(name, t, 3)
+        _floating(name, t, key.dtype)
+    _expect(value.shape == key.shape, "key and value must have the same shape")
+    for name, cache in (("key_cache", key_cache), ("value_cache", value_cache)):
+        _paged_cache(name, cache, key)
+        _expect(cache.shape[1] == key.shape[1], f"{name} must have {key.shape[1]} kv heads")
+    _tensor("slot_mapping", slot_mapping, 1)
+    _expect(slot_mapping.dtype in (torch.int32, torch.int64), "slot_mapping must be integers")
+    _expect(slot_mapping.numel() == key.shape[0], "slot_mapping must have one slot per token")
+    block_size = key_cache.shape[2]
+    capacity = min(key_cache.shape[0], value_cache.shape[0]) * block_size
+    if slot_mapping.numel():
+        _expect(int(slot_mapping.max()) < capacity, "slot out of the caches' range")
+    reference.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+
+
+def _attention_args(q, k_cache, v_cache, head_num: int, kv_head_num: int, head_dim: int):
+    _floating("q", q)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _paged_cache(name, cache, q)
+        _expect(cache.shape[1] == kv_head_num, f"{name} must have kv_head_num heads")
+        _expect(cache.shape[2:] == k_cache.shape[2:], "k_cache and v_cache pages must match")
+    _expect(q.shape[-2:] == (head_num, head_dim), "q must end in [head_num, head_dim]")
+    _expect(head_num % kv_head_num == 0, "head_num must be a multiple of kv_head_num")
+
+
+@_kernel
+def speculative_attention(
+    *, out, q, k_cache, v_cache, context_lens_cpu, context_lens_xpu, batch_num, qlen,
+    max_context_len, head_num, head_dim, scale, kv_head_num, block_size,
+    max_num_blocks_per_seq, max_window_size=-1, block_tables, sink=None,
+) -> None:  # fmt: skip
+    """Decode attention over the paged caches: q [1, B, H, D] (qlen=1), out [B, H, D]."""
+    _expect(qlen == 1, "only qlen=1 (q [1, B, H, D]) is modeled")
+    _tensor("q", q, 4)
+    _expect(q.shape[:2] == (1, batch_num), "q must be [1, batch_num, H, D] for qlen=1")
+    _attention_args(q, k_cache, v_cache, head_num, kv_head_num, head_dim)
+    _output("out", out, q, (batch_num, head_num, head_dim))
+    lens = _host_and_device("context_lens", context_lens_cpu, context_lens_xpu)
+    _expect(lens.numel() == batch_num, "context_lens must hold one length per request")
+    _expect(int(lens.max()) <= max_context_len, "a context is longer than max_context_len")
+    _expect(block_size == k_cache.shape[2], "block_size must be k_cache.shape[2]")
+    _expect(max_num_blocks_per_seq == block_tables.shape[1], "max_num_blocks_per_seq mismatch")
+    _expect(isinstance(scale, float) and scale > 0, "scale must be an explicit float > 0 (§4.6)")
+    _not_modeled("sink", sink)
+    window = _window("max_window_size", max_window_size)
+    table = _used_blocks(block_tables, lens, block_size, (k_cache, v_cache))
+    reference.decode_attention(out, q[0], k_cache, v_cache, table, context_lens_xpu,
+                               int(lens.max()), scale, window, 0.0)  # fmt: skip
+
+
+@_kernel
+def prefill_attention(
+    *, q, k, v, out, is_causal=True, alpha=1.0, context_qlen_lod_cpu, context_qlen_lod_xpu,
+    alibi_slopes=None, softmax_lse=None, swa_left=-1, swa_right=-1, sink=None,
+    is_prefix_cache=False, block_table=None, context_kvlen_lod_cpu=None,
+    context_kvlen_lod_xpu=None,
+) -> None:  # fmt: skip
+    """Varlen causal attention; in the prefix-cache form k/v are the whole paged caches.
+
+    Scores are q.k / sqrt(head_dim) * alpha; query rows of request r are the last tokens of its
+    kv length (context already in the cache, plus the new tokens, which are cached too).
+    """
+    _expect(is_prefix_cache is True, "only the paged/prefix-cache form is modeled")
+    _expect(is_causal is True, "only causal attention is modeled")
+    for name, value in (("alibi_slopes", alibi_slopes), ("softmax_lse", softmax_lse),
+                        ("sink", sink)):  # fmt: skip
+        _not_modeled(name, value)
+    _tensor("q", q, 3)
+    num_tokens, heads, head_dim = q.shape
+    _attention_args(q, k, v, heads, k.shape[1], head_dim)
+    _output("out", out, q, tuple(q.shape))
+    _expect(isinstance(block_table, torch.Tensor), "the prefix-cache form needs block_table")
+    batch = block_table.shape[0]
+    q_lod = _lod("context_qlen_lod", context_qlen_lod_cpu, context_qlen_lod_xpu, batch)
+    kv_lod = _lod("context_kvlen_lod", context_kvlen_lod_cpu, context_kvlen_lod_xpu, batch)
+    _expect(int(q_lod[-1]) == num_tokens, "context_qlen_lod must end at the number of tokens")
+    q_lens, kv_lens = q_lod.diff(), kv_lod.diff()
+    _expect(bool((kv_lens >= q_lens).all()), "a kv length is shorter than its query length")
+    window = _window("swa_left", swa_left)
+    _expect(swa_right == (0 if window > 0 else -1), "swa_right must be 0 with a window, else -1")
+    _expect(isinstance(alpha, float), "alpha must be a float")
+    table = _used_blocks(block_table, kv_lens, k.shape[2], (k, v))
+    reference.prefill_attention(
+        out, q, k, v, table, context_qlen_lod_xpu, kv_lod.diff().to(q.device),
+        int(q_lens.max()), int(kv_lens.max()), alpha / math.sqrt(head_dim), window, 0.0,
+    )  # fmt: skip

@@ -1,0 +1,61 @@
+"""The Kunlun binding inside a real vLLM engine, on the emulated device with the stand-in
+kunlun_ops (tests/standin): the binding is chosen automatically, every kernel family goes through
+it, and greedy decoding gives the same tokens as the reference kernels."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.engine import PROMPTS, emulation_env, read_op_stats, run_generation
+from vllm_kunlun.ops.kunlun_binding import KunlunProvider
+from vllm_kunlun.ops.provider import ReferenceProvider
+
+STANDIN = Path(__file__).parent / "standin"
+MAX_TOKENS = 32
+PLUGIN_OPS = ("prefill_attention", "decode_attention", "reshape_and_cache", "rms_norm",
+              "fused_add_rms_norm", "rotary_embedding", "silu_and_mul")  # fmt: skip
+VENDOR_FUNCTIONS = ("prefill_attention", "speculative_attention", "reshape_and_cache_flash",
+                    "rmsnorm", "add_rmsnorm", "rotary_embedding", "swiglu")  # fmt: skip
+
+
+def read_standin_calls(directory: Path) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for path in directory.glob("calls-*.json"):
+        for name, count in json.loads(path.read_text()).items():
+            total[name] = total.get(name, 0) + count
+    return total
+
+
+def generate(model: Path, kernels: str, tmp_path: Path) -> tuple[dict, dict, dict]:
+    """Greedy run with `kernels`; returns (result, plugin op counts, stand-in call counts)."""
+    stats_dir, calls_dir = tmp_path / f"ops-{kernels}", tmp_path / f"calls-{kernels}"
+    # Engine workers are separate processes: the stand-in must be importable through the env.
+    pythonpath = os.pathsep.join(p for p in (str(STANDIN), os.environ.get("PYTHONPATH")) if p)
+    env = emulation_env(stats_dir, VLLM_KUNLUN_KERNELS=kernels, PYTHONPATH=pythonpath,
+                        KUNLUN_STANDIN_CALLS=str(calls_dir))  # fmt: skip
+    result = run_generation(model, PROMPTS, MAX_TOKENS, env=env, dtype="float32")
+    assert result["platform"] == "KunlunPlatform"
+    return result, read_op_stats(stats_dir), read_standin_calls(calls_dir)
+
+
+@pytest.mark.engine
+def test_kunlun_provider_matches_reference_in_the_engine(default_model, tmp_path):
+    kunlun, kunlun_ops, vendor_calls = generate(default_model, "auto", tmp_path)
+    reference, _, reference_vendor_calls = generate(default_model, "reference", tmp_path)
+
+    assert f"vllm-kunlun kernel provider: {KunlunProvider.description}" in kunlun["log"]
+    assert "rmsnorm uses the active form" in kunlun["log"]
+    assert f"vllm-kunlun kernel provider: {ReferenceProvider.description}" in reference["log"]
+
+    for i, (got, want) in enumerate(zip(kunlun["token_ids"], reference["token_ids"], strict=True)):
+        assert got == want, f"prompt {i} ({PROMPTS[i]!r}) diverges:\n kunlun {got}\n ref    {want}"
+
+    missing = [op for op in PLUGIN_OPS if kunlun_ops.get(op, 0) == 0]
+    assert not missing, f"plugin ops that never ran: {missing}; counts: {kunlun_ops}"
+    silent = [fn for fn in VENDOR_FUNCTIONS if vendor_calls.get(fn, 0) == 0]
+    assert not silent, f"kunlun_ops functions never called: {silent}; calls: {vendor_calls}"
+    assert vendor_calls["speculative_attention"] == kunlun_ops["decode_attention"]
+    assert vendor_calls["prefill_attention"] == kunlun_ops["prefill_attention"]
+    assert reference_vendor_calls == {}
