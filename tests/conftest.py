@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine import default_model_dir
-from tests.tiny_models import make_tiny_checkpoint
+from vllm_kunlun.model_zoo.tiny import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

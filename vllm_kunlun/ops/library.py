@@ -13,6 +13,11 @@ from vllm_kunlun.ops import stats
 from vllm_kunlun.ops.provider import current_provider
 
 
+def _writes_in_place_only(*args, **kwargs) -> None:
+    """Fake implementation of the ops that only mutate their arguments: no new tensors."""
+    return None
+
+
 @custom_op("kunlun::rms_norm", mutates_args=())
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     stats.record("rms_norm")
@@ -32,11 +37,6 @@ def fused_add_rms_norm(
     current_provider().fused_add_rms_norm(x, residual, weight, eps)
 
 
-@fused_add_rms_norm.register_fake
-def _(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
-    return None
-
-
 @custom_op("kunlun::rotary_embedding", mutates_args=("query", "key"))
 def rotary_embedding(
     positions: torch.Tensor,
@@ -48,18 +48,6 @@ def rotary_embedding(
 ) -> None:
     stats.record("rotary_embedding")
     current_provider().rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)
-
-
-@rotary_embedding.register_fake
-def _(
-    positions: torch.Tensor,
-    query: torch.Tensor,
-    key: torch.Tensor | None,
-    head_size: int,
-    cos_sin_cache: torch.Tensor,
-    is_neox: bool,
-) -> None:
-    return None
 
 
 @custom_op("kunlun::silu_and_mul", mutates_args=())
@@ -85,17 +73,6 @@ def reshape_and_cache(
     current_provider().reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
 
 
-@reshape_and_cache.register_fake
-def _(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    return None
-
-
 @custom_op("kunlun::decode_attention", mutates_args=("out",))
 def decode_attention(
     out: torch.Tensor,
@@ -117,24 +94,6 @@ def decode_attention(
         out, query, key_cache, value_cache, block_table, seq_lens, seq_lens_cpu,
         max_seq_len, max_model_len, scale, sliding_window, softcap,
     )  # fmt: skip
-
-
-@decode_attention.register_fake
-def _(
-    out: torch.Tensor,
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    seq_lens_cpu: torch.Tensor,
-    max_seq_len: int,
-    max_model_len: int,
-    scale: float,
-    sliding_window: int,
-    softcap: float,
-) -> None:
-    return None
 
 
 @custom_op("kunlun::prefill_attention", mutates_args=("out",))
@@ -164,22 +123,11 @@ def prefill_attention(
     )  # fmt: skip
 
 
-@prefill_attention.register_fake
-def _(
-    out: torch.Tensor,
-    query: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    query_start_loc_cpu: torch.Tensor,
-    seq_lens: torch.Tensor,
-    seq_start_loc: torch.Tensor,
-    seq_start_loc_cpu: torch.Tensor,
-    max_query_len: int,
-    max_seq_len: int,
-    scale: float,
-    sliding_window: int,
-    softcap: float,
-) -> None:
-    return None
+for _op in (
+    fused_add_rms_norm,
+    rotary_embedding,
+    reshape_and_cache,
+    decode_attention,
+    prefill_attention,
+):
+    _op.register_fake(_writes_in_place_only)

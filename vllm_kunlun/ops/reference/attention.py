@@ -22,6 +22,7 @@ def attend(
     k: torch.Tensor,
     v: torch.Tensor,
     allowed: torch.Tensor,
+    seq_lens: torch.Tensor,
     scale: float,
     softcap: float,
 ) -> torch.Tensor:
@@ -30,7 +31,10 @@ def attend(
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~allowed[:, None, None], torch.finfo(torch.float32).min)
-    return torch.einsum("rhgql,rhld->rhgqd", scores.softmax(dim=-1), v.float())
+    # Slots past a sequence's end hold stale memory: a NaN there would survive 0 * NaN.
+    past_end = torch.arange(v.shape[2], device=v.device) >= seq_lens[:, None]
+    v = v.float().masked_fill(past_end[:, None, :, None], 0.0)
+    return torch.einsum("rhgql,rhld->rhgqd", scores.softmax(dim=-1), v)
 
 
 def _allowed_keys(
@@ -65,7 +69,7 @@ def decode_attention(
     q = query.view(requests, kv_heads, heads // kv_heads, 1, head_size)
     positions = (seq_lens - 1)[:, None]
     allowed = _allowed_keys(positions, seq_lens, k.shape[2], sliding_window)
-    o = attend(q, k, v, allowed, scale, softcap)
+    o = attend(q, k, v, allowed, seq_lens, scale, softcap)
     out.copy_(o.reshape(requests, heads, head_size))
 
 
@@ -109,6 +113,8 @@ def prefill_attention(
     context_lens = seq_lens - query_lens
     positions = context_lens[:, None] + torch.arange(max_query_len, device=query.device)
     allowed = _allowed_keys(positions, seq_lens, k.shape[2], sliding_window)
-    o = attend(q, k, v, allowed, scale, softcap).permute(0, 3, 1, 2, 4)  # [R, Q, Hkv, G, D]
+    o = attend(q, k, v, allowed, seq_lens, scale, softcap).permute(
+        0, 3, 1, 2, 4
+    )  # [R, Q, Hkv, G, D]
     o = o.reshape(requests, max_query_len, heads, head_size)
     out.copy_(o[request_of_token, row_in_request])

@@ -1,4 +1,4 @@
-"""Tiny random-weight checkpoints the tests generate, with the default model's tokenizer.
+"""Tiny random-weight checkpoints (for tests and benchmarks), with the default model's tokenizer.
 
 Weights are drawn with a larger spread than a real initialisation so the next-token
 distributions are peaked: greedy comparisons then test the arithmetic, not float ties.
@@ -43,6 +43,17 @@ ARCHITECTURES: dict[str, dict] = {
         num_key_value_heads=2,
         head_dim=128,
         rope_theta=1000000.0,
+    ),
+    # Two thin layers: compute is negligible, so step time is the per-step host overhead.
+    "overhead": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        rope_theta=10000.0,
     ),
     # Sliding window of 24 tokens: prompts in the tests are longer, so the window matters.
     "mistral": dict(

@@ -1,0 +1,34 @@
+"""The benchmark runs end to end on a very small workload. Speed is judged by the benchmark's
+own ratios (`make bench`), never by timed tests."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.run import lower_is_better
+from tests.engine import REPO
+
+pytestmark = pytest.mark.engine
+
+
+def test_quick_benchmark_compares_both_backends(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=1200)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (result,) = tmp_path.glob("bench-*.json")
+    assert result.with_suffix(".png").stat().st_size > 0
+    data = json.loads(result.read_text())
+    assert {"machine", "torch", "vllm", "vllm-kunlun", "settings"} <= data["environment"].keys()
+    backends = {(m["workload"], m["backend"]) for m in data["measurements"]}
+    workloads = {w for w, _ in backends}
+    assert backends == {(w, b) for w in workloads for b in ("plugin", "in-tree")}
+    assert any(m["metrics"].get("ms per decode step", 0) > 0 for m in data["measurements"])
+    assert "ratio" in proc.stdout
+
+
+def test_latency_and_memory_are_lower_is_better():
+    assert lower_is_better("ms per decode step") and lower_is_better("p99 ttft ms")
+    assert lower_is_better("peak RSS GiB") and not lower_is_better("output tokens/s")
