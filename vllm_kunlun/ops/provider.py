@@ -14,6 +14,8 @@ from vllm_kunlun.ops import reference
 logger = get_logger("ops")
 
 OP_NAMES = tuple(reference.__all__)
+#: Values VLLM_KUNLUN_KERNELS accepts.
+KERNEL_CHOICES = ("auto", "reference", "kunlun")
 
 
 class ReferenceProvider:
@@ -56,9 +58,9 @@ def kunlun_library_available() -> bool:
 def choose_provider():
     """The provider VLLM_KUNLUN_KERNELS asks for (see vllm_kunlun.envs)."""
     choice = envs.VLLM_KUNLUN_KERNELS.get().strip().lower()
-    if choice not in ("auto", "reference", "kunlun"):
+    if choice not in KERNEL_CHOICES:
         raise ValueError(
-            f"VLLM_KUNLUN_KERNELS={choice!r} is not one of 'auto', 'reference', 'kunlun'."
+            f"VLLM_KUNLUN_KERNELS={choice!r} is not one of {', '.join(KERNEL_CHOICES)}."
         )
     if choice == "reference" or (choice == "auto" and not kunlun_library_available()):
         return ReferenceProvider()

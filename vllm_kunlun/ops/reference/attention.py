@@ -1,20 +1,57 @@
-"""Attention over the paged KV cache, written as the math: softmax(q k^T * scale + mask) v.
+"""Attention over the paged KV cache: softmax(q k^T * scale + mask) v.
 
 Each request's keys and values are gathered from its blocks into a dense, padded
-[requests, kv_heads, length, head_size] tensor; queries are grouped per KV head (GQA/MQA); one
-mask carries causality, sequence ends and the sliding window.
+[requests, kv_heads, length, head_size] tensor; one boolean mask per request carries causality,
+the sequence end and the sliding window. Query heads share KV heads in groups (GQA/MQA).
+Scores and softmax are float32; the probabilities meet V in the model dtype, as in Hugging
+Face's eager attention.
 """
 
 import torch
+import torch.nn.functional as F
+
+
+def _page_rows(cache: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The cache as rows of [block_size, D] (one per block and head), and rows per block.
+
+    A K or V cache may be a strided view (the plugin interleaves K and V pages); its
+    [block_size, D] rows still sit at a fixed stride, so one flat view reaches all of them.
+    """
+    num_blocks, kv_heads, block_size, head_size = cache.shape
+    row = cache.stride(1)
+    if cache.stride()[1:] != (block_size * head_size, head_size, 1) or cache.stride(0) % row:
+        cache = cache.contiguous()
+        row = block_size * head_size
+    rows_per_block = cache.stride(0) // row
+    num_rows = (num_blocks - 1) * rows_per_block + kv_heads
+    return cache.as_strided((num_rows, block_size, head_size), (row, head_size, 1)), rows_per_block
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, max_seq_len: int) -> torch.Tensor:
-    """[num_blocks, Hkv, block_size, D] pages -> [requests, Hkv, padded_len, D] per request."""
-    block_size = cache.shape[2]
+    """[num_blocks, Hkv, block_size, D] pages -> [requests, Hkv, padded_len, D] per request.
+
+    One copy, straight into the final layout: row ids broadcast to [requests, Hkv, blocks], so
+    each request's pages for a head land next to each other.
+    """
+    _, kv_heads, block_size, head_size = cache.shape
+    rows, rows_per_block = _page_rows(cache)
     num_blocks = -(-max_seq_len // block_size)
-    pages = cache[block_table[:, :num_blocks].long()]  # [R, n, Hkv, bs, D]
-    requests, _, kv_heads, _, head_size = pages.shape
-    return pages.transpose(1, 2).reshape(requests, kv_heads, num_blocks * block_size, head_size)
+    blocks = block_table[:, None, :num_blocks].long() * rows_per_block
+    ids = blocks + torch.arange(kv_heads, device=cache.device)[None, :, None]
+    pages = rows.index_select(0, ids.reshape(-1))
+    return pages.view(block_table.shape[0], kv_heads, num_blocks * block_size, head_size)
+
+
+def allowed_keys(
+    query_positions: torch.Tensor, seq_lens: torch.Tensor, kv_len: int, sliding_window: int
+) -> torch.Tensor:
+    """[R, Q] absolute query positions -> [R, Q, L] mask of the keys each query may see."""
+    key_positions = torch.arange(kv_len, device=seq_lens.device)
+    allowed = key_positions <= query_positions[..., None]  # causal
+    allowed &= key_positions < seq_lens[:, None, None]
+    if sliding_window > 0:
+        allowed &= key_positions > query_positions[..., None] - sliding_window
+    return allowed
 
 
 def attend(
@@ -26,27 +63,31 @@ def attend(
     scale: float,
     softcap: float,
 ) -> torch.Tensor:
-    """q [R, Hkv, G, Q, D], k/v [R, Hkv, L, D], allowed [R, Q, L] -> [R, Hkv, G, Q, D] float32."""
-    scores = torch.einsum("rhgqd,rhld->rhgql", q.float(), k.float()) * scale
+    """q [R, H, Q, D], k/v [R, Hkv, L, D] (gathered copies), allowed [R, Q, L] -> [R, H, Q, D].
+
+    Many queries per request (prefill) use torch's fused kernel; one query per request (decode)
+    and soft-capping use the formula directly, which is faster there on the CPU.
+    """
+    # Slots past a sequence's end hold stale memory: a NaN there would survive 0 * NaN.
+    shortest = int(seq_lens.min())
+    past_end = torch.arange(shortest, v.shape[2], device=v.device) >= seq_lens[:, None]
+    v[:, :, shortest:].masked_fill_(past_end[:, None, :, None], 0.0)
+
+    requests, heads, num_queries, head_size = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    if softcap <= 0 and num_queries > 1:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed[:, None], scale=scale, enable_gqa=True
+        )
+    # The query heads that share a KV head are stacked: [R, Hkv, G * Q, D].
+    grouped = q.reshape(requests, kv_heads, -1, head_size)
+    scores = torch.matmul(grouped.float(), k.transpose(-1, -2).float()) * scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.view(requests, kv_heads, -1, num_queries, kv_len)
     scores = scores.masked_fill(~allowed[:, None, None], torch.finfo(torch.float32).min)
-    # Slots past a sequence's end hold stale memory: a NaN there would survive 0 * NaN.
-    past_end = torch.arange(v.shape[2], device=v.device) >= seq_lens[:, None]
-    v = v.float().masked_fill(past_end[:, None, :, None], 0.0)
-    return torch.einsum("rhgql,rhld->rhgqd", scores.softmax(dim=-1), v)
-
-
-def _allowed_keys(
-    query_positions: torch.Tensor, seq_lens: torch.Tensor, kv_len: int, sliding_window: int
-) -> torch.Tensor:
-    """[R, Q] absolute query positions -> [R, Q, L] mask of the keys each query may see."""
-    key_positions = torch.arange(kv_len, device=seq_lens.device)
-    allowed = key_positions <= query_positions[..., None]  # causal
-    allowed &= key_positions < seq_lens[:, None, None]
-    if sliding_window > 0:
-        allowed &= key_positions > query_positions[..., None] - sliding_window
-    return allowed
+    probs = scores.softmax(dim=-1).to(v.dtype).view(requests, kv_heads, -1, kv_len)
+    return torch.matmul(probs, v).view(requests, heads, num_queries, head_size)
 
 
 def decode_attention(
@@ -62,15 +103,16 @@ def decode_attention(
     softcap: float,
 ) -> None:
     """One new token per request. query/out: [R, H, D]; seq_lens includes the new token."""
-    requests, heads, head_size = query.shape
-    kv_heads = key_cache.shape[1]
     k = gather_kv(key_cache, block_table, max_seq_len)
     v = gather_kv(value_cache, block_table, max_seq_len)
-    q = query.view(requests, kv_heads, heads // kv_heads, 1, head_size)
-    positions = (seq_lens - 1)[:, None]
-    allowed = _allowed_keys(positions, seq_lens, k.shape[2], sliding_window)
-    o = attend(q, k, v, allowed, seq_lens, scale, softcap)
-    out.copy_(o.reshape(requests, heads, head_size))
+    # The new token is the last one: causality is just "before the sequence end".
+    key_positions = torch.arange(k.shape[2], device=query.device)
+    allowed = key_positions < seq_lens[:, None]
+    if sliding_window > 0:
+        allowed &= key_positions >= (seq_lens - sliding_window)[:, None]
+    allowed = allowed[:, None]  # [R, Q=1, L]
+    o = attend(query.unsqueeze(2), k, v, allowed, seq_lens, scale, softcap)
+    out.copy_(o.squeeze(2))
 
 
 def prefill_attention(
@@ -93,7 +135,6 @@ def prefill_attention(
     tokens of its seq_lens[r]; its earlier tokens are read from the cache like the new ones.
     """
     num_tokens, heads, head_size = query.shape
-    kv_heads = key_cache.shape[1]
     requests = seq_lens.shape[0]
     query_lens = query_start_loc[1:] - query_start_loc[:-1]
     request_of_token = torch.repeat_interleave(
@@ -105,16 +146,10 @@ def prefill_attention(
 
     padded = query.new_zeros(requests, max_query_len, heads, head_size)
     padded[request_of_token, row_in_request] = query
-    q = padded.view(requests, max_query_len, kv_heads, heads // kv_heads, head_size)
-    q = q.permute(0, 2, 3, 1, 4)  # [R, Hkv, G, Q, D]
-
     k = gather_kv(key_cache, block_table, max_seq_len)
     v = gather_kv(value_cache, block_table, max_seq_len)
     context_lens = seq_lens - query_lens
     positions = context_lens[:, None] + torch.arange(max_query_len, device=query.device)
-    allowed = _allowed_keys(positions, seq_lens, k.shape[2], sliding_window)
-    o = attend(q, k, v, allowed, seq_lens, scale, softcap).permute(
-        0, 3, 1, 2, 4
-    )  # [R, Q, Hkv, G, D]
-    o = o.reshape(requests, max_query_len, heads, head_size)
-    out.copy_(o[request_of_token, row_in_request])
+    allowed = allowed_keys(positions, seq_lens, k.shape[2], sliding_window)
+    o = attend(padded.transpose(1, 2), k, v, allowed, seq_lens, scale, softcap)  # [R, H, Q, D]
+    out.copy_(o.transpose(1, 2)[request_of_token, row_in_request])
