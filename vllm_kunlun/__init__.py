@@ -20,7 +20,14 @@ def register() -> str | None:
     runtime = device.detect()
     if runtime is None:
         return None
-    check_vllm_version()
+    try:
+        check_vllm_version()
+    except RuntimeError as error:
+        # vLLM logs a failing platform plugin only at DEBUG and falls back to another platform.
+        from vllm_kunlun.log import get_logger
+
+        get_logger("plugin").error("%s", error)
+        raise
     return PLATFORM_PATH
 
 

@@ -3,6 +3,7 @@
     vllm-kunlun serve [MODEL] [vLLM options]   serve MODEL (default: the prepared default model)
     vllm-kunlun bench|chat|complete|run-batch  as vLLM's own subcommands
     vllm-kunlun default-model                  print the default model's folder (prepare it once)
+    vllm-kunlun doctor                         check the set-up; exit status 1 if it cannot serve
 
 Add --emulate (or set VLLM_KUNLUN_EMULATE=1) to run on the emulated XPU on the host CPU.
 """
@@ -13,7 +14,7 @@ import sys
 from vllm_kunlun import envs
 
 EMULATE_FLAG = "--emulate"
-PLUGIN_COMMANDS = ("default-model",)
+PLUGIN_COMMANDS = ("default-model", "doctor")
 NEEDS_DEVICE = ("serve", "bench", "run-batch")
 
 
@@ -54,11 +55,24 @@ def main(argv: list[str] | None = None) -> int:
         print(_default_model_path())
         return 0
 
+    if args[:1] == ["doctor"]:
+        from vllm_kunlun.doctor import main as doctor_main
+
+        return doctor_main(args[1:])
+
     from vllm_kunlun import device
 
-    if args[:1] and args[0] in NEEDS_DEVICE and "--help" not in args and device.detect() is None:
-        sys.stderr.write(_no_device_message())
-        return 2
+    if args[:1] and args[0] in NEEDS_DEVICE and "--help" not in args:
+        if device.detect() is None:
+            sys.stderr.write(_no_device_message())
+            return 2
+        from vllm_kunlun.compat import check_vllm_version
+
+        try:
+            check_vllm_version()
+        except RuntimeError as error:
+            sys.stderr.write(f"vllm-kunlun: {error}\n")
+            return 2
 
     from vllm_kunlun.patches import patch_vllm_distribution_name
 

@@ -4,7 +4,7 @@ The class-level facts come from the device runtime (vllm_kunlun.device). On the 
 the XPU computes on the host, so the platform builds on vLLM's CpuPlatform: vLLM's host-side
 handling (thread binding, gloo, spawn, no pinned memory, no graph capture) is right for it, and
 the Kunlun parts (kernels, attention backend, worker, memory, name) are overridden here.
-Overrides of vLLM CPU branches are listed in the README's architecture section.
+Overrides of vLLM CPU branches are listed in docs/architecture.md (design choices).
 """
 
 from typing import TYPE_CHECKING

@@ -86,10 +86,14 @@ def _convert(gguf: Path, target: Path) -> None:
     _fix_config(target)
 
 
+def is_prepared() -> bool:
+    return (model_dir() / _DONE_MARKER).exists()
+
+
 def prepare_default_model() -> Path:
     """The prepared folder; converts the GGUF file on first use (about 30 s)."""
     target = model_dir()
-    if (target / _DONE_MARKER).exists():
+    if is_prepared():
         return target
     gguf = gguf_path()
     started = time.monotonic()
