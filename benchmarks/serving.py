@@ -1,16 +1,13 @@
 """Serving latency: `vllm bench serve` against an OpenAI server started per backend."""
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.processes import TreeMemorySampler
+from vllm_kunlun.local_server import LocalServer
 
 KV_CACHE = "2G"
 METRICS = ("p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms", "p99_itl_ms")
@@ -28,26 +25,6 @@ class ServingWorkload:
         return f"serving c={self.concurrency} {self.input_len}/{self.output_len} eager"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, server: subprocess.Popen, timeout_s: float = 900) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with status {server.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError(f"the server at {url} was not healthy after {timeout_s:.0f} s")
-
-
 def run_serving(
     workloads: list[ServingWorkload],
     backend: str,
@@ -57,32 +34,16 @@ def run_serving(
     vllm_cli: list[str],
     env: dict[str, str],
 ) -> dict[str, list[dict[str, float]]]:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = workdir / f"server-{backend}.log"
-    server_cmd = [*vllm_cli, "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-                  "--enforce-eager", "--kv-cache-memory-bytes", KV_CACHE,
-                  "--max-model-len", "2048"]  # fmt: skip
+    server_cmd = [*vllm_cli, "serve", str(model), "--enforce-eager",
+                  "--kv-cache-memory-bytes", KV_CACHE, "--max-model-len", "2048"]  # fmt: skip
+    server = LocalServer(server_cmd, workdir / f"server-{backend}.log", env=env)
     results: dict[str, list[dict[str, float]]] = {}
-    with log.open("w") as log_file:
-        server = subprocess.Popen(server_cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                  start_new_session=True)  # fmt: skip
-    try:
-        with TreeMemorySampler(server.pid) as sampler:
-            _wait_healthy(url, server)
-            for workload in workloads:
-                for i in range(runs):
-                    result = _bench_serve(workload, model, url, workdir, vllm_cli, env, i)
-                    result["peak RSS GiB"] = sampler.peak / (1 << 30)
-                    results.setdefault(workload.name, []).append(result)
-    except RuntimeError as error:
-        raise RuntimeError(f"{error}; server log:\n{log.read_text()[-4000:]}") from None
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+    with server, TreeMemorySampler(server.process.pid) as sampler:
+        for workload in workloads:
+            for i in range(runs):
+                result = _bench_serve(workload, model, server.url, workdir, vllm_cli, env, i)
+                result["peak RSS GiB"] = sampler.peak / (1 << 30)
+                results.setdefault(workload.name, []).append(result)
     return results
 
 

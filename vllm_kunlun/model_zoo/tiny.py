@@ -11,63 +11,26 @@ import torch
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
+_SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2)
+
 ARCHITECTURES: dict[str, dict] = {
     # GQA 4:2, head_dim 32.
-    "llama": dict(
-        model_type="llama",
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        rope_theta=10000.0,
-    ),
+    "llama": dict(_SMALL, model_type="llama", num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=32, rope_theta=10000.0),
     # GQA 4:1 (MQA-like), head_dim 80, qkv bias.
-    "qwen2": dict(
-        model_type="qwen2",
-        hidden_size=320,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        rope_theta=1000000.0,
-    ),
+    "qwen2": dict(_SMALL, model_type="qwen2", hidden_size=320, num_attention_heads=4,
+                  num_key_value_heads=1, rope_theta=1000000.0),
     # q/k RMSNorm, GQA 6:2, head_dim 128 (wider than hidden / heads).
-    "qwen3": dict(
-        model_type="qwen3",
-        hidden_size=192,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=128,
-        rope_theta=1000000.0,
-    ),
+    "qwen3": dict(_SMALL, model_type="qwen3", hidden_size=192, num_attention_heads=6,
+                  num_key_value_heads=2, head_dim=128, rope_theta=1000000.0),
     # Two thin layers: compute is negligible, so step time is the per-step host overhead.
-    "overhead": dict(
-        model_type="llama",
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        rope_theta=10000.0,
-    ),
+    "overhead": dict(model_type="llama", hidden_size=64, intermediate_size=128,
+                     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                     head_dim=32, rope_theta=10000.0),
     # Sliding window of 24 tokens: prompts in the tests are longer, so the window matters.
-    "mistral": dict(
-        model_type="mistral",
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        rope_theta=10000.0,
-        sliding_window=24,
-    ),
-}
+    "mistral": dict(_SMALL, model_type="mistral", num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=32, rope_theta=10000.0, sliding_window=24),
+}  # fmt: skip
 
 
 def make_tiny_checkpoint(arch: str, target: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
