@@ -12,6 +12,7 @@ import os
 import sys
 
 from vllm_kunlun import envs
+from vllm_kunlun.supervisor import CHILD_FLAG, supervise
 
 EMULATE_FLAG = "--emulate"
 PLUGIN_COMMANDS = ("default-model", "doctor")
@@ -47,6 +48,9 @@ def build_argv(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    supervised = CHILD_FLAG in args
+    if supervised:
+        args.remove(CHILD_FLAG)
     if EMULATE_FLAG in args:
         args.remove(EMULATE_FLAG)
         os.environ[envs.VLLM_KUNLUN_EMULATE.name] = "1"
@@ -73,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as error:
             sys.stderr.write(f"vllm-kunlun: {error}\n")
             return 2
+
+    if args[:1] == ["serve"] and "--help" not in args and not supervised:
+        return supervise(args)
 
     from vllm_kunlun.patches import patch_vllm_distribution_name
 

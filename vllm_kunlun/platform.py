@@ -105,8 +105,9 @@ class KunlunPlatform(CpuPlatform):
     @classmethod
     def verify_quantization(cls, quant: str) -> None:
         raise ValueError(
-            f"vllm-kunlun does not support quantization ({quant!r}) yet. Serve an "
-            "unquantized checkpoint (bfloat16/float16) instead."
+            f"vllm-kunlun does not support quantization yet (--quantization {quant}, or the "
+            "checkpoint's quantization_config). Drop --quantization and serve an unquantized "
+            "checkpoint in bfloat16 or float16 instead."
         )
 
     @classmethod
