@@ -114,8 +114,20 @@ def test_without_a_runtime_and_without_emulation_it_says_how_to_emulate():
             "VLLM_KUNLUN_KERNELS='fastest' is not one of",
             "export VLLM_KUNLUN_KERNELS=auto",
         ),
+        (
+            {"VLLM_KUNLUN_EMULATED_DEVICES": "abc"},
+            "visible devices",
+            "VLLM_KUNLUN_EMULATED_DEVICES='abc' is not a device count",
+            "export VLLM_KUNLUN_EMULATED_DEVICES=1",
+        ),
     ],
-    ids=["memory-not-a-number", "missing-device", "kunlun-without-kunlun_ops", "unknown-provider"],
+    ids=[
+        "memory-not-a-number",
+        "missing-device",
+        "kunlun-without-kunlun_ops",
+        "unknown-provider",
+        "device-count-not-a-number",
+    ],  # fmt: skip
 )
 def test_a_bad_value_fails_with_its_fix(env, topic, says, step):
     proc = run_doctor(VLLM_KUNLUN_EMULATE="1", **env)

@@ -317,7 +317,10 @@ def _xpu_memory(runtime: DeviceRuntime, index: int) -> Check:
 def check_devices(runtime: DeviceRuntime | None) -> list[Check]:
     if runtime is None:
         return []
-    count = runtime.physical_device_count()
+    try:
+        count = runtime.physical_device_count()
+    except ValueError as error:  # a bad VLLM_KUNLUN_EMULATED_DEVICES
+        return [Check(FAIL, "visible devices", str(error), "export VLLM_KUNLUN_EMULATED_DEVICES=1")]
     try:
         indices = envs.visible_device_indices(count)
     except ValueError as error:
@@ -448,6 +451,15 @@ def _check_memory(value: str) -> Verdict:
     return OK, "", None
 
 
+def _check_emulated_devices(value: str) -> Verdict:
+    try:
+        EmulatedRuntime().physical_device_count()
+    except ValueError as error:
+        verdict = FAIL if _emulation_in_use() else WARN
+        return verdict, str(error), "export VLLM_KUNLUN_EMULATED_DEVICES=1"
+    return OK, "", None
+
+
 def _check_kernels(value: str) -> Verdict:
     if value.strip().lower() in KERNEL_CHOICES:
         return OK, "", None
@@ -470,6 +482,7 @@ def _check_visible(value: str) -> Verdict:
 VALIDATORS: dict[str, Callable[[str], Verdict]] = {
     envs.VLLM_KUNLUN_EMULATE.name: _check_emulate,
     envs.VLLM_KUNLUN_EMULATED_MEMORY_GIB.name: _check_memory,
+    envs.VLLM_KUNLUN_EMULATED_DEVICES.name: _check_emulated_devices,
     envs.VLLM_KUNLUN_KERNELS.name: _check_kernels,
     envs.VLLM_KUNLUN_OP_STATS.name: _check_op_stats,
     envs.XPU_VISIBLE_DEVICES.name: _check_visible,

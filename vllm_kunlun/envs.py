@@ -29,6 +29,12 @@ VLLM_KUNLUN_EMULATED_MEMORY_GIB = EnvVar(
     "Memory of each emulated XPU in GiB (weights, activations and KV cache together; "
     "--gpu-memory-utilization is a fraction of it).",
 )
+VLLM_KUNLUN_EMULATED_DEVICES = EnvVar(
+    "VLLM_KUNLUN_EMULATED_DEVICES",
+    "1",
+    "Number of emulated XPUs on this host (each with its own VLLM_KUNLUN_EMULATED_MEMORY_GIB); "
+    "set it to at least --tensor-parallel-size x --pipeline-parallel-size.",
+)
 VLLM_KUNLUN_KERNELS = EnvVar(
     "VLLM_KUNLUN_KERNELS",
     "auto",
@@ -39,7 +45,7 @@ VLLM_KUNLUN_OP_STATS = EnvVar(
     "VLLM_KUNLUN_OP_STATS",
     "",
     "Directory; every process that ran plugin ops writes ops-<pid>.json (op name -> calls) "
-    "there at exit.",
+    "there at exit; a worker writes ops-rank<r>-<pid>.json.",
 )
 VLLM_KUNLUN_CACHE_DIR = EnvVar(
     "VLLM_KUNLUN_CACHE_DIR",
@@ -56,6 +62,7 @@ XPU_VISIBLE_DEVICES = EnvVar(
 ALL: tuple[EnvVar, ...] = (
     VLLM_KUNLUN_EMULATE,
     VLLM_KUNLUN_EMULATED_MEMORY_GIB,
+    VLLM_KUNLUN_EMULATED_DEVICES,
     VLLM_KUNLUN_KERNELS,
     VLLM_KUNLUN_OP_STATS,
     VLLM_KUNLUN_CACHE_DIR,

@@ -43,3 +43,7 @@ class DeviceRuntime(ABC):
     @abstractmethod
     def synchronize(self) -> None:
         """Wait for all work queued on the current device."""
+
+    @abstractmethod
+    def how_to_see_more_devices(self, needed: int) -> str:
+        """What the user can do to make `needed` devices visible on this host."""

@@ -1,4 +1,9 @@
-"""The emulated Kunlun XPU: a device with a fixed memory budget that computes on the host CPU."""
+"""Emulated Kunlun XPUs: devices with a fixed memory budget each that compute on the host CPU.
+
+VLLM_KUNLUN_EMULATED_DEVICES says how many there are (default 1, a single-XPU host); each has
+its own VLLM_KUNLUN_EMULATED_MEMORY_GIB. Budgets are caps, not reservations: host RAM is used
+only by the devices that workers bind to, one worker process per device.
+"""
 
 import psutil
 
@@ -14,14 +19,30 @@ class EmulatedRuntime(DeviceRuntime):
     dist_backend = "gloo"
     is_host = True
     worker_cls = "vllm_kunlun.worker.emulated.EmulatedKunlunWorker"
-    communicator_cls = "vllm.distributed.device_communicators.cpu_communicator.CpuCommunicator"
+    communicator_cls = "vllm_kunlun.distributed.communicator.KunlunCommunicator"
+
+    #: Upper bound on VLLM_KUNLUN_EMULATED_DEVICES: each device is a worker process.
+    MAX_DEVICES = 64
 
     def __init__(self) -> None:
         # Bytes the plugin has placed on each emulated device (weights, KV cache).
         self._in_use: dict[int, int] = {}
+        #: The emulated device this process is bound to (set_device), None until bound.
+        self.current_device: int | None = None
 
     def physical_device_count(self) -> int:
-        return 1
+        raw = envs.VLLM_KUNLUN_EMULATED_DEVICES.get()
+        try:
+            count = int(raw)
+        except ValueError:
+            count = 0
+        if not 1 <= count <= self.MAX_DEVICES:
+            raise ValueError(
+                f"VLLM_KUNLUN_EMULATED_DEVICES={raw!r} is not a device count between 1 and "
+                f"{self.MAX_DEVICES}. Set it to the number of emulated XPUs you need (for "
+                "example 2 for --tensor-parallel-size 2)."
+            )
+        return count
 
     def total_memory(self, index: int = 0) -> int:
         raw = envs.VLLM_KUNLUN_EMULATED_MEMORY_GIB.get()
@@ -53,8 +74,23 @@ class EmulatedRuntime(DeviceRuntime):
     def set_device(self, index: int) -> None:
         count = self.physical_device_count()
         if not 0 <= index < count:
-            raise ValueError(f"Emulated XPU {index} does not exist ({count} emulated).")
+            raise ValueError(
+                f"Emulated XPU {index} does not exist ({count} emulated); raise "
+                "VLLM_KUNLUN_EMULATED_DEVICES."
+            )
+        self.current_device = index
 
     def synchronize(self) -> None:
         # Host computation is synchronous.
         return None
+
+    def how_to_see_more_devices(self, needed: int) -> str:
+        count = self.physical_device_count()
+        emulated = f"This host emulates VLLM_KUNLUN_EMULATED_DEVICES={count} XPU(s)"
+        if count >= needed:
+            return f"{emulated}: unset or widen XPU_VISIBLE_DEVICES"
+        return (
+            f"{emulated}: set VLLM_KUNLUN_EMULATED_DEVICES={needed} (each gets "
+            "VLLM_KUNLUN_EMULATED_MEMORY_GIB of memory), with XPU_VISIBLE_DEVICES unset or "
+            "naming as many"
+        )

@@ -26,9 +26,7 @@ class XpuRuntime(DeviceRuntime):
     dist_backend = "nccl"
     is_host = False
     worker_cls = "vllm_kunlun.worker.xpu.KunlunWorker"
-    communicator_cls = (
-        "vllm.distributed.device_communicators.base_device_communicator.DeviceCommunicatorBase"
-    )
+    communicator_cls = "vllm_kunlun.distributed.communicator.KunlunCommunicator"
 
     def physical_device_count(self) -> int:
         return len(xpu_device_nodes())
@@ -53,3 +51,12 @@ class XpuRuntime(DeviceRuntime):
         import torch
 
         torch.cuda.synchronize()
+
+    def how_to_see_more_devices(self, needed: int) -> str:
+        count = self.physical_device_count()
+        if count >= needed:
+            return f"This host has {count} XPUs (/dev/xpuN): unset or widen XPU_VISIBLE_DEVICES"
+        return (
+            f"This host has {count} XPU(s) (/dev/xpuN): spread the workers over several hosts "
+            "with --distributed-executor-backend ray (docs/distributed.md)"
+        )

@@ -1,7 +1,9 @@
 """Op accounting: how often each plugin op ran in this process.
 
 With VLLM_KUNLUN_OP_STATS=<dir>, a process that ran plugin ops writes <dir>/ops-<pid>.json
-({"op name": calls}) when it exits. Tests read these files to prove which kernels did the work.
+({"op name": calls}) when it exits; a worker names its rank too: ops-rank<r>-<pid>.json. Tests
+read these files to prove which kernels did the work, and on which ranks. Collectives of the
+Kunlun communicator count as "comm.<collective>".
 """
 
 import atexit
@@ -14,6 +16,7 @@ from vllm_kunlun import envs
 
 _counts: Counter[str] = Counter()
 _hook_installed = False
+_rank: int | None = None
 
 
 def record(op_name: str) -> None:
@@ -24,11 +27,22 @@ def snapshot() -> dict[str, int]:
     return dict(_counts)
 
 
+def set_rank(rank: int) -> None:
+    """Name this process's stats file after its worker rank as well as its pid."""
+    global _rank
+    _rank = rank
+
+
+def stats_file_name() -> str:
+    prefix = "ops-" if _rank is None else f"ops-rank{_rank}-"
+    return f"{prefix}{os.getpid()}.json"
+
+
 def write_stats(directory: str | os.PathLike[str]) -> Path | None:
-    """Write this process's counts to <directory>/ops-<pid>.json; None if no op ran."""
+    """Write this process's counts to <directory>/<stats_file_name()>; None if no op ran."""
     if not _counts:
         return None
-    path = Path(directory) / f"ops-{os.getpid()}.json"
+    path = Path(directory) / stats_file_name()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(dict(sorted(_counts.items())), indent=1))

@@ -1,10 +1,12 @@
 """Worker classes: vLLM's workers, subclassed for the Kunlun device runtimes."""
 
 
-def on_worker_start() -> None:
+def on_worker_start(rank: int | None = None) -> None:
     """What every Kunlun worker does first: op accounting, and naming the kernel provider."""
     from vllm_kunlun.ops import stats
     from vllm_kunlun.ops.provider import current_provider
 
+    if rank is not None:
+        stats.set_rank(rank)
     stats.install_exit_hook()
     current_provider()  # logs which provider runs the kernels, once per process

@@ -4,6 +4,9 @@ vLLM's CPU worker sizes the KV cache from the host's NUMA node and reads
 --gpu-memory-utilization as a fraction of host RAM. The emulated XPU instead has its own memory
 (VLLM_KUNLUN_EMULATED_MEMORY_GIB), and --gpu-memory-utilization is a fraction of that, as on a
 real device: KV cache = total * utilization - weights - peak activations.
+
+With several emulated XPUs (VLLM_KUNLUN_EMULATED_DEVICES), the worker of local rank r binds to
+the r-th visible emulated XPU (XPU_VISIBLE_DEVICES) and accounts memory on that device only.
 """
 
 import contextlib
@@ -14,6 +17,7 @@ import psutil
 from vllm.v1.worker.cpu_worker import CPUWorker
 from vllm.v1.worker.gpu_worker import Worker
 
+from vllm_kunlun import envs
 from vllm_kunlun.device import EmulatedRuntime, current_runtime
 from vllm_kunlun.log import get_logger
 from vllm_kunlun.worker import on_worker_start
@@ -51,7 +55,22 @@ class EmulatedKunlunWorker(CPUWorker):
         Worker.__init__(self, vllm_config, local_rank, rank, distributed_init_method,
                         is_driver_worker=is_driver_worker)  # fmt: skip
         self.parallel_config.disable_custom_all_reduce = True
-        on_worker_start()
+        self.device_index = self._bind_device()
+        on_worker_start(rank=self.rank)
+
+    def _bind_device(self) -> int:
+        """The emulated XPU of this worker: the local_rank-th visible one."""
+        visible = envs.visible_device_indices(self.runtime.physical_device_count())
+        if self.local_rank >= len(visible):
+            raise ValueError(
+                f"Worker {self.rank} (local rank {self.local_rank}) has no emulated XPU: "
+                f"{len(visible)} visible ({visible}). Raise VLLM_KUNLUN_EMULATED_DEVICES or "
+                "widen XPU_VISIBLE_DEVICES."
+            )
+        index = visible[self.local_rank]
+        self.runtime.set_device(index)
+        logger.info("Worker %d runs on emulated XPU %d.", self.rank, index)
+        return index
 
     def load_model(self, *args, **kwargs) -> None:
         # Measured rather than summed over parameters: vLLM's CPU GEMM packs linear weights
@@ -59,11 +78,11 @@ class EmulatedKunlunWorker(CPUWorker):
         before = _rss_bytes()
         super().load_model(*args, **kwargs)
         self.weights_bytes = max(0, _rss_bytes() - before)
-        self.runtime.record_allocation(self.local_rank, self.weights_bytes)
+        self.runtime.record_allocation(self.device_index, self.weights_bytes)
 
     def determine_available_memory(self) -> int:
         explicit = self.cache_config.kv_cache_memory_bytes
-        device_index = self.local_rank
+        device_index = self.device_index
         total = self.runtime.total_memory(device_index)
         weights = self.weights_bytes
 
@@ -101,4 +120,4 @@ class EmulatedKunlunWorker(CPUWorker):
     def initialize_from_config(self, kv_cache_config) -> None:
         super().initialize_from_config(kv_cache_config)
         kv_bytes = sum(t.size for t in kv_cache_config.kv_cache_tensors)
-        self.runtime.record_allocation(self.local_rank, kv_bytes)
+        self.runtime.record_allocation(self.device_index, kv_bytes)

@@ -12,4 +12,4 @@ from vllm_kunlun.worker import on_worker_start
 class KunlunWorker(Worker):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        on_worker_start()
+        on_worker_start(rank=self.rank)
