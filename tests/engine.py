@@ -82,7 +82,10 @@ def hf_greedy(model: str | Path, prompts: list[str], max_tokens: int) -> list[li
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    hf_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    # Eager attention: the one transformers implements soft-capping (Gemma 2) in.
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        model, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     results = []
     with torch.no_grad():
         for prompt in prompts:

@@ -35,6 +35,20 @@ def test_support_matrix_names_only_existing_tests():
             assert f"def {test_name}(" in source.read_text(), f"{path}::{test_name} is missing"
 
 
+#: Test files whose every test is a row (or part of a row) of the support matrix.
+MATRIX_TEST_FILES = ("test_models.py", "test_feature_matrix.py", "test_tensor_parallel.py",
+                     "test_serving_faults.py", "test_soak.py", "test_guard_rails.py")  # fmt: skip
+
+
+def test_support_matrix_cites_every_matrix_test():
+    """The other direction: a new architecture or feature test cannot miss its matrix row."""
+    matrix = (REPO / "docs" / "support-matrix.md").read_text()
+    for name in MATRIX_TEST_FILES:
+        source = (REPO / "tests" / name).read_text()
+        for test in re.findall(r"^def (test_\w+)\(", source, flags=re.MULTILINE):
+            assert f"tests/{name}::{test}`" in matrix, f"support matrix misses tests/{name}::{test}"
+
+
 def test_readme_names_the_two_setup_commands():
     readme = (REPO / "README.md").read_text()
     assert "make demo" in readme and "make test" in readme
@@ -68,7 +82,7 @@ def test_readme_names_exactly_the_two_setup_commands_and_links_the_docs():
     targets = {m for snippet in code_of(readme) for m in re.findall(r"\bmake (\w[\w-]*)", snippet)}
     assert targets == {"demo", "test"}
     for page in ("installation", "quickstart", "architecture", "configuration", "support-matrix",
-                 "benchmarks", "troubleshooting"):  # fmt: skip
+                 "benchmarks", "serving", "distributed", "troubleshooting"):  # fmt: skip
         assert f"(docs/{page}.md" in readme, f"README does not link docs/{page}.md"
 
 

@@ -20,13 +20,16 @@ def assert_same_tokens(plugin: list[list[int]], reference: list[list[int]]) -> N
         assert got == want, f"prompt {i} ({PROMPTS[i]!r}) diverges:\n plugin {got}\n HF     {want}"
 
 
-def check_model(model, tmp_path) -> dict:
+GEMMA_OPS = tuple(op for op in PLUGIN_OPS if op != "silu_and_mul") + ("gelu_and_mul",)
+
+
+def check_model(model, tmp_path, plugin_ops: tuple[str, ...] = PLUGIN_OPS) -> dict:
     stats_dir = tmp_path / "ops"
     result = run_generation(model, PROMPTS, MAX_TOKENS, env=emulation_env(stats_dir))
     assert result["platform"] == "KunlunPlatform"
     assert_same_tokens(result["token_ids"], hf_greedy(model, PROMPTS, MAX_TOKENS))
     counts = read_op_stats(stats_dir)
-    missing = [op for op in PLUGIN_OPS if counts.get(op, 0) == 0]
+    missing = [op for op in plugin_ops if counts.get(op, 0) == 0]
     assert not missing, f"plugin ops that never ran: {missing}; counts: {counts}"
     return counts
 
@@ -37,9 +40,16 @@ def test_default_model_matches_transformers(default_model, tmp_path):
     assert counts["reshape_and_cache"] % 30 == 0
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "phi3"])
 def test_tiny_models_match_transformers(arch, tiny_model_factory, tmp_path):
     check_model(tiny_model_factory(arch), tmp_path)
+
+
+def test_gemma2_matches_transformers(tiny_model_factory, tmp_path):
+    """Soft-capped attention and logits, alternating sliding window, GELU-tanh gating, Gemma's
+    (1 + w) RMSNorm and tied embeddings, all through the plugin's ops."""
+    counts = check_model(tiny_model_factory("gemma2"), tmp_path, plugin_ops=GEMMA_OPS)
+    assert counts.get("silu_and_mul", 0) == 0
 
 
 LONG_PREFIX = (

@@ -7,8 +7,8 @@ is_cpu()) go to the plugin ops, so vLLM's in-tree CPU kernels never run for thes
 
 import torch
 from vllm.model_executor.custom_op import CustomOp
-from vllm.model_executor.layers.activation import SiluAndMul
-from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.activation import GeluAndMul, SiluAndMul
+from vllm.model_executor.layers.layernorm import GemmaRMSNorm, RMSNorm
 from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 
 from vllm_kunlun.ops import library as ops
@@ -53,10 +53,34 @@ class KunlunSiluAndMul(SiluAndMul):
     forward_cpu = forward_oot
 
 
+class KunlunGemmaRMSNorm(GemmaRMSNorm):
+    """Gemma's convention: the checkpoint stores w and the norm scales by (1 + w), in float32."""
+
+    def forward_oot(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        weight = self.weight.data.float() + 1.0
+        if residual is None:
+            return ops.rms_norm(x, weight, self.variance_epsilon)
+        ops.fused_add_rms_norm(x, residual, weight, self.variance_epsilon)
+        return x, residual
+
+    forward_cpu = forward_oot
+
+
+class KunlunGeluAndMul(GeluAndMul):
+    def forward_oot(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.gelu_and_mul(x, self.approximate)
+
+    forward_cpu = forward_oot
+
+
 OOT_LAYERS: dict[str, type[CustomOp]] = {
     "RMSNorm": KunlunRMSNorm,
+    "GemmaRMSNorm": KunlunGemmaRMSNorm,
     "RotaryEmbedding": KunlunRotaryEmbedding,
     "SiluAndMul": KunlunSiluAndMul,
+    "GeluAndMul": KunlunGeluAndMul,
 }
 
 

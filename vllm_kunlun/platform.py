@@ -27,7 +27,7 @@ logger = get_logger("platform")
 _runtime = current_runtime()
 
 #: vLLM layer classes the plugin replaces (vllm_kunlun.layers registers them).
-OOT_LAYER_NAMES = ("RMSNorm", "RotaryEmbedding", "SiluAndMul")
+OOT_LAYER_NAMES = ("RMSNorm", "GemmaRMSNorm", "RotaryEmbedding", "SiluAndMul", "GeluAndMul")
 
 #: Block sizes the Kunlun kernels read (KUNLUN.md §3.4 uses 16, 64 and 128).
 DEFAULT_BLOCK_SIZE = 64
@@ -40,7 +40,15 @@ class KunlunPlatform(CpuPlatform):
     device_type: str = _runtime.torch_device_type
     dispatch_key: str = "CPU" if _runtime.is_host else "CUDA"
     dist_backend: str = _runtime.dist_backend
-    ray_device_key: str = "CPU" if _runtime.is_host else "GPU"
+    # Ray knows no Kunlun accelerator, and vLLM's Ray workers look their devices up under this
+    # key among Ray's accelerator types: Kunlun hosts, real or emulated, advertise their XPUs as
+    # Ray GPUs (`ray start --num-gpus N`). docs/distributed.md explains the set-up.
+    ray_device_key: str = "GPU"
+    # Workers pick their XPU by local rank, as with the multiprocessing executor: Ray must not
+    # narrow the devices a worker sees.
+    ray_noset_device_env_vars: list[str] = ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"]
+    # Copied from the engine to Ray workers (vLLM copies the VLLM_* variables itself).
+    additional_env_vars: list[str] = ["XPU_VISIBLE_DEVICES"]
     supported_quantization: list[str] = []
 
     def is_cpu(self) -> bool:
@@ -146,7 +154,35 @@ class KunlunPlatform(CpuPlatform):
         parallel_config = vllm_config.parallel_config
         if parallel_config.worker_cls in ("auto", "vllm.v1.worker.cpu_worker.CPUWorker"):
             parallel_config.worker_cls = _runtime.worker_cls
+        cls._check_devices_for_workers(parallel_config)
+        if _runtime.is_host and parallel_config.distributed_executor_backend == "mp":
+            from vllm_kunlun.worker.host_cores import share_host_cores
+
+            share_host_cores(parallel_config.local_world_size)
         cls._route_layers_to_plugin_ops(vllm_config)
+
+    @classmethod
+    def _check_devices_for_workers(cls, parallel_config) -> None:
+        """Refuse at start-up more workers on this host than it has visible Kunlun devices.
+
+        Only for executors whose workers all run on this host; with Ray, the placement group
+        checks the devices of the whole cluster.
+        """
+        if parallel_config.distributed_executor_backend not in ("mp", "uni"):
+            return
+        needed = parallel_config.local_world_size
+        visible = cls.device_count()
+        if needed <= visible:
+            return
+        selection = envs.XPU_VISIBLE_DEVICES.get().strip()
+        shown = f" (XPU_VISIBLE_DEVICES={selection})" if selection else ""
+        raise ValueError(
+            f"--tensor-parallel-size {parallel_config.tensor_parallel_size} x "
+            f"--pipeline-parallel-size {parallel_config.pipeline_parallel_size} needs {needed} "
+            f"Kunlun XPUs on this host, one per worker, but only {visible} "
+            f"{'is' if visible == 1 else 'are'} visible{shown}. "
+            f"{_runtime.how_to_see_more_devices(needed)}; or lower --tensor-parallel-size."
+        )
 
     @classmethod
     def _route_layers_to_plugin_ops(cls, vllm_config: "VllmConfig") -> None:

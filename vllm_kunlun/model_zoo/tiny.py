@@ -30,6 +30,17 @@ ARCHITECTURES: dict[str, dict] = {
     # Sliding window of 24 tokens: prompts in the tests are longer, so the window matters.
     "mistral": dict(_SMALL, model_type="mistral", num_attention_heads=4, num_key_value_heads=2,
                     head_dim=32, rope_theta=10000.0, sliding_window=24),
+    # Attention and final-logit soft-capping, sliding window on alternate layers, GELU-tanh
+    # gating, (1 + w) RMSNorm, query_pre_attn_scalar scaling, tied embeddings.
+    "gemma2": dict(_SMALL, model_type="gemma2", num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=32, query_pre_attn_scalar=24, sliding_window=24,
+                   layer_types=["sliding_attention", "full_attention"],
+                   attn_logit_softcapping=20.0, final_logit_softcapping=15.0,
+                   hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True),
+    # Fused qkv and gate/up projections, rotary on half of each head.
+    "phi3": dict(_SMALL, model_type="phi3", num_attention_heads=4, num_key_value_heads=2,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                  "partial_rotary_factor": 0.5}),
 }  # fmt: skip
 
 
@@ -38,10 +49,9 @@ def make_tiny_checkpoint(arch: str, target: Path, tokenizer_dir: Path, seed: int
 
     settings = dict(ARCHITECTURES[arch])
     model_type = settings.pop("model_type")
-    config = AutoConfig.for_model(
-        model_type, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=False,
-        initializer_range=0.08, bos_token_id=1, eos_token_id=2, **settings,
-    )  # fmt: skip
+    defaults = dict(vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=False,
+                    initializer_range=0.08, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    config = AutoConfig.for_model(model_type, **(defaults | settings))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(target, safe_serialization=True)

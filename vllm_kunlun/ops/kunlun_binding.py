@@ -38,6 +38,7 @@ from types import ModuleType
 import torch
 
 from vllm_kunlun.log import get_logger
+from vllm_kunlun.ops import reference
 
 logger = get_logger("ops")
 
@@ -329,6 +330,11 @@ class KunlunProvider:
         y = x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
         self.ops.swiglu(x=_dense(x), y=y)
         return y
+
+    def gelu_and_mul(self, x: torch.Tensor, approximate: str) -> torch.Tensor:
+        # KUNLUN.md records no reliable fused GELU-and-mul kernel, so this runs the reference's
+        # PyTorch ops on the XPU. Unverified on hardware.
+        return reference.gelu_and_mul(x, approximate)
 
     # KV cache and attention ------------------------------------------------------------------
 

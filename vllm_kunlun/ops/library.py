@@ -26,7 +26,7 @@ def _same_as_first_input(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-def _half_of_last_dim(x: torch.Tensor) -> torch.Tensor:
+def _half_of_last_dim(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
 
 
@@ -85,6 +85,11 @@ def rotary_embedding(
 @_op(fake=_half_of_last_dim)
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return current_provider().silu_and_mul(x)
+
+
+@_op(fake=_half_of_last_dim)
+def gelu_and_mul(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    return current_provider().gelu_and_mul(x, approximate)
 
 
 @_op(mutates_args=("key_cache", "value_cache"))

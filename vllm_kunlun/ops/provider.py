@@ -26,6 +26,7 @@ class ReferenceProvider:
     fused_add_rms_norm = staticmethod(reference.fused_add_rms_norm)
     rotary_embedding = staticmethod(reference.rotary_embedding)
     silu_and_mul = staticmethod(reference.silu_and_mul)
+    gelu_and_mul = staticmethod(reference.gelu_and_mul)
     reshape_and_cache = staticmethod(reference.reshape_and_cache)
 
     @staticmethod
