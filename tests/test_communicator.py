@@ -263,7 +263,9 @@ def test_host_cores_are_shared_between_emulated_xpus(monkeypatch):
 
     monkeypatch.setattr(cpu_resources, "get_visible_memory_node", lambda: [0])
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    # setenv (not delenv) so monkeypatch restores the variable's absence afterwards: a binding
+    # leaked into later tests' engines would name cores this machine may not have.
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
     share_host_cores(2)
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3"
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # the user's choice stands
