@@ -28,14 +28,18 @@ def run_generation(
     env: dict[str, str] | None = None,
     dtype: str = "float32",
     timeout: int = 600,
+    logprobs: int | None = None,
+    embed: bool = False,
     **engine_kwargs,
 ) -> dict:
-    """Greedy generation in a fresh process; returns {"platform", "token_ids", "texts", "log"}.
+    """Greedy generation in a fresh process; returns {"platform", "token_ids", "texts", "log"}
+    (and "logprobs" with the top `logprobs` tokens of every generated position, if asked).
+    With embed=True the model is a pooling model and the result holds "embeddings" instead.
 
     `env` entries are added to (or, with value None, removed from) the current environment.
     """
     spec = {"model": str(model), "prompts": prompts, "max_tokens": max_tokens, "dtype": dtype,
-            "engine_kwargs": engine_kwargs}  # fmt: skip
+            "engine_kwargs": engine_kwargs, "logprobs": logprobs, "embed": embed}  # fmt: skip
     child_env = dict(os.environ)
     for key, value in (env or {}).items():
         if value is None:
@@ -53,6 +57,10 @@ def run_generation(
     result = json.loads(lines[-1][len("RESULT ") :])
     result["log"] = log
     return result
+
+
+#: Environment for a run through vLLM's in-tree CPU backend: the plugin stays inactive.
+IN_TREE_ENV: dict[str, str | None] = {"VLLM_KUNLUN_EMULATE": None}
 
 
 def emulation_env(op_stats_dir: str | Path | None = None, **extra: str) -> dict[str, str]:

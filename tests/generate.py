@@ -2,8 +2,10 @@
 
 Used by the tests (tests/engine.py) so every engine starts in its own process with its own
 environment. Usage: python -m tests.generate SPEC_JSON  where SPEC_JSON holds
-{"model", "prompts", "max_tokens", "dtype", "engine_kwargs"}; engines are eager unless
-engine_kwargs says otherwise.
+{"model", "prompts", "max_tokens", "dtype", "engine_kwargs"} and optionally "logprobs" (top-k
+per generated position, returned as token-id -> logprob dicts) or "embed" (embed the prompts
+with a pooling model instead of generating); engines are eager unless engine_kwargs says
+otherwise.
 """
 
 import json
@@ -17,13 +19,25 @@ def main() -> None:
 
     engine_kwargs = {"enforce_eager": True, "max_model_len": 1024, **spec["engine_kwargs"]}
     llm = LLM(model=spec["model"], dtype=spec["dtype"], seed=0, **engine_kwargs)
-    params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True)
+    if spec.get("embed"):
+        embeddings = [o.outputs.embedding for o in llm.embed(spec["prompts"])]
+        result = {"platform": type(current_platform).__name__, "embeddings": embeddings}
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+    params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True,
+                            logprobs=spec.get("logprobs"))  # fmt: skip
     outputs = llm.generate(spec["prompts"], params)
     result = {
         "platform": type(current_platform).__name__,
         "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
         "texts": [o.outputs[0].text for o in outputs],
     }
+    if spec.get("logprobs"):
+        result["logprobs"] = [
+            [{str(token): lp.logprob for token, lp in position.items()}
+             for position in o.outputs[0].logprobs]
+            for o in outputs
+        ]  # fmt: skip
     print("RESULT " + json.dumps(result), flush=True)
 
 

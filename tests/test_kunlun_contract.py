@@ -389,6 +389,26 @@ def test_prefill_attention_with_cached_context(provider, dtype, block_size, head
     assert calls() == {"prefill_attention": 1}
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: f"{h[0]}q{h[1]}kv")
+def test_encoder_attention_uses_the_dense_non_causal_form(provider, dtype, heads):
+    num_heads, kv_heads = heads
+    lengths = [7, 1, 30, 12]
+    qkv = wide_view(sum(lengths), (num_heads + 2 * kv_heads) * HEAD_SIZE, dtype)
+    query, key, value = qkv.split([num_heads * HEAD_SIZE, kv_heads * HEAD_SIZE,
+                                   kv_heads * HEAD_SIZE], dim=-1)  # fmt: skip
+    query, key, value = (t.view(-1, t.shape[-1] // HEAD_SIZE, HEAD_SIZE)
+                         for t in (query, key, value))  # fmt: skip
+    qsl = lod(lengths)
+    got = torch.empty(query.shape, dtype=dtype)
+    provider.encoder_attention(got, query, key, value, qsl, qsl.clone(), max(lengths),
+                               HEAD_SIZE**-0.5)  # fmt: skip
+    expected = torch.empty(query.shape, dtype=dtype)
+    reference.encoder_attention(expected, query, key, value, qsl, max(lengths), HEAD_SIZE**-0.5)
+    torch.testing.assert_close(got, expected)
+    assert calls() == {"prefill_attention": 1}
+
+
 def test_attention_writes_into_a_non_contiguous_output(provider):
     case = prefill_case(8, 2, 16, torch.float32)
     wide = torch.zeros(case["query"].shape[0], 8, 2 * HEAD_SIZE)

@@ -1,12 +1,22 @@
-"""End to end: greedy decoding through the plugin equals Hugging Face transformers.
+"""End to end: greedy decoding through the plugin equals Hugging Face transformers, and its
+logprobs agree with vLLM's in-tree CPU backend.
 
 Everything runs in float32: in bf16 the two stacks round differently (fused vs unfused ops), so
 long continuations may legitimately diverge; float32 makes the comparison exact on token ids.
+The plugin and the in-tree backend differ only in kernels (summation order, fp32 everywhere), so
+their top-5 logprobs of the first 8 generated positions agree within LOGPROB_TOLERANCE.
 """
 
 import pytest
 
-from tests.engine import PROMPTS, emulation_env, hf_greedy, read_op_stats, run_generation
+from tests.engine import (
+    IN_TREE_ENV,
+    PROMPTS,
+    emulation_env,
+    hf_greedy,
+    read_op_stats,
+    run_generation,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -23,11 +33,41 @@ def assert_same_tokens(plugin: list[list[int]], reference: list[list[int]]) -> N
 GEMMA_OPS = tuple(op for op in PLUGIN_OPS if op != "silu_and_mul") + ("gelu_and_mul",)
 
 
+LOGPROB_TOLERANCE = 1e-3
+LOGPROB_POSITIONS, TOP = 8, 5
+
+
+def assert_logprobs_agree(plugin: list[list[dict]], in_tree: list[list[dict]]) -> None:
+    """Top-5 tokens and their logprobs at the first 8 positions, prompt by prompt. A token may
+    be in one top-5 and not the other only if it ties the 5th place within the tolerance."""
+    for i, (ours_positions, theirs_positions) in enumerate(zip(plugin, in_tree, strict=True)):
+        for pos in range(LOGPROB_POSITIONS):
+            ours, theirs = ours_positions[pos], theirs_positions[pos]
+            ours_top = sorted(ours, key=ours.get, reverse=True)[:TOP]
+            fifth = sorted(theirs.values(), reverse=True)[TOP - 1]
+            for token in ours_top:
+                where = f"prompt {i} position {pos} token {token}"
+                if token in theirs:
+                    assert abs(ours[token] - theirs[token]) <= LOGPROB_TOLERANCE, (
+                        f"{where}: plugin {ours[token]:.6f} vs in-tree {theirs[token]:.6f}"
+                    )
+                else:
+                    assert ours[token] <= fifth + LOGPROB_TOLERANCE, f"{where}: not in-tree top-5"
+
+
+def check_logprobs_against_in_tree(model, prompts: list[str], plugin: list[list[dict]]) -> None:
+    in_tree = run_generation(model, prompts, LOGPROB_POSITIONS, env=IN_TREE_ENV, logprobs=TOP,
+                             gpu_memory_utilization=0.3)  # fmt: skip
+    assert in_tree["platform"] == "CpuPlatform"
+    assert_logprobs_agree(plugin, in_tree["logprobs"])
+
+
 def check_model(model, tmp_path, plugin_ops: tuple[str, ...] = PLUGIN_OPS) -> dict:
     stats_dir = tmp_path / "ops"
-    result = run_generation(model, PROMPTS, MAX_TOKENS, env=emulation_env(stats_dir))
+    result = run_generation(model, PROMPTS, MAX_TOKENS, env=emulation_env(stats_dir), logprobs=TOP)
     assert result["platform"] == "KunlunPlatform"
     assert_same_tokens(result["token_ids"], hf_greedy(model, PROMPTS, MAX_TOKENS))
+    check_logprobs_against_in_tree(model, PROMPTS, result["logprobs"])
     counts = read_op_stats(stats_dir)
     missing = [op for op in plugin_ops if counts.get(op, 0) == 0]
     assert not missing, f"plugin ops that never ran: {missing}; counts: {counts}"
@@ -77,8 +117,10 @@ def test_chunked_prefill_prefix_hits_and_mixed_batches_match_transformers(
 
 def test_sliding_window_matches_transformers(tiny_model_factory, tmp_path):
     model = tiny_model_factory("mistral")
-    result = run_generation(model, LONG_PROMPTS, 16, env=emulation_env(tmp_path / "ops"))
+    result = run_generation(model, LONG_PROMPTS, 16, env=emulation_env(tmp_path / "ops"),
+                            logprobs=TOP)  # fmt: skip
     assert result["token_ids"] == hf_greedy(model, LONG_PROMPTS, 16)
+    check_logprobs_against_in_tree(model, LONG_PROMPTS, result["logprobs"])
 
 
 def test_compile_mode_matches_transformers(tiny_model_factory, tmp_path):

@@ -119,3 +119,23 @@ def test_unsupported_options_are_refused_at_start_up(tiny_model_factory):
     with pytest.raises(AssertionError, match="--kv-cache-dtype fp8 is not supported"):
         run_generation(tiny_model_factory("llama"), ["Hello"], 2, env=emulation_env(),
                        kv_cache_dtype="fp8")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "attn_type,extra,named",
+    [
+        ("encoder_decoder", {}, "attention type 'encoder_decoder'"),
+        ("encoder", {}, "attention type 'encoder'"),
+        ("encoder_only", {"sliding_window": 8}, "sliding windows or soft-capping"),
+        ("decoder", {"alibi_slopes": [0.5, 0.25]}, "ALiBi"),
+    ],
+)
+def test_attention_backend_names_what_it_cannot_run(attn_type, extra, named):
+    from vllm_kunlun.attention.backend import KunlunAttentionBackend, KunlunAttentionImpl
+
+    with pytest.raises(NotImplementedError, match=named) as refused:
+        KunlunAttentionImpl(2, 32, 0.125, attn_type=attn_type, **extra)
+    assert "docs/support-matrix.md" in str(refused.value)
+    assert KunlunAttentionBackend.supports_attn_type(attn_type) == (
+        attn_type in ("decoder", "encoder_only")
+    )

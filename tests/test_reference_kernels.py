@@ -874,6 +874,17 @@ def op_samples() -> dict[str, tuple]:
         "prefill_attention": prefill_op_args(
             inputs, torch.empty_like(inputs["prefill_query"]), 8, 20.0
         ),
+        "gelu_and_mul": (torch.randn(3, 200), "tanh"),
+        # 4 query heads over 2 kv heads of 64, sequences of 3 and 1 tokens
+        "encoder_attention": (
+            torch.empty(4, 4, 64),
+            torch.randn(4, 4, 64),
+            *torch.randn(2, 4, 2, 64),
+            torch.tensor([0, 3, 4]),
+            torch.tensor([0, 3, 4]),
+            3,
+            0.125,
+        ),  # fmt: skip
     }
 
 
@@ -885,6 +896,8 @@ OPCHECK_CASES = [
     "reshape_and_cache",
     "decode_attention",
     "prefill_attention",
+    "gelu_and_mul",
+    "encoder_attention",
 ]
 
 

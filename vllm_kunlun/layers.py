@@ -14,6 +14,16 @@ from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
 from vllm_kunlun.ops import library as ops
 
 
+def _normalize(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm's two forms: normalize x, or add x to the residual (in place) and normalize."""
+    if residual is None:
+        return ops.rms_norm(x, weight, eps)
+    ops.fused_add_rms_norm(x, residual, weight, eps)
+    return x, residual
+
+
 class KunlunRMSNorm(RMSNorm):
     def forward_oot(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
@@ -21,11 +31,7 @@ class KunlunRMSNorm(RMSNorm):
         if self.variance_size_override is not None:
             # Statistics over a prefix of the hidden size (a few VLM towers); no kernel for it.
             return self.forward_native(x, residual)
-        weight = self.weight.data
-        if residual is None:
-            return ops.rms_norm(x, weight, self.variance_epsilon)
-        ops.fused_add_rms_norm(x, residual, weight, self.variance_epsilon)
-        return x, residual
+        return _normalize(x, residual, self.weight.data, self.variance_epsilon)
 
     forward_cpu = forward_oot
 
@@ -59,11 +65,7 @@ class KunlunGemmaRMSNorm(GemmaRMSNorm):
     def forward_oot(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        weight = self.weight.data.float() + 1.0
-        if residual is None:
-            return ops.rms_norm(x, weight, self.variance_epsilon)
-        ops.fused_add_rms_norm(x, residual, weight, self.variance_epsilon)
-        return x, residual
+        return _normalize(x, residual, self.weight.data.float() + 1.0, self.variance_epsilon)
 
     forward_cpu = forward_oot
 

@@ -24,6 +24,10 @@ from vllm_kunlun.attention.metadata import (
 )
 from vllm_kunlun.ops import library as ops
 
+#: Decoder self-attention over the paged cache, and encoder-only (bidirectional, cache-free)
+#: attention for embedding models such as BERT.
+SUPPORTED_ATTENTION_TYPES = (AttentionType.DECODER, AttentionType.ENCODER_ONLY)
+
 
 def split_kv_cache(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[num_blocks, Hkv, block_size, 2 * D] -> K and V caches, each [num_blocks, Hkv, bs, D]."""
@@ -72,6 +76,14 @@ class KunlunAttentionBackend(AttentionBackend):
     def supports_sliding_window(cls) -> bool:
         return True
 
+    @classmethod
+    def supports_non_causal(cls) -> bool:
+        return True
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type in SUPPORTED_ATTENTION_TYPES
+
 
 class KunlunAttentionImpl(AttentionImpl[KunlunAttentionMetadata]):
     def __init__(
@@ -93,8 +105,10 @@ class KunlunAttentionImpl(AttentionImpl[KunlunAttentionMetadata]):
             unsupported.append("ALiBi")
         if sinks is not None:
             unsupported.append("attention sinks")
-        if attn_type != AttentionType.DECODER:
+        if attn_type not in SUPPORTED_ATTENTION_TYPES:
             unsupported.append(f"attention type {attn_type!r}")
+        elif attn_type == AttentionType.ENCODER_ONLY and (sliding_window or logits_soft_cap):
+            unsupported.append("sliding windows or soft-capping in encoder-only attention")
         if unsupported:
             raise NotImplementedError(
                 f"vllm-kunlun's attention backend does not support {', '.join(unsupported)} "
@@ -121,6 +135,8 @@ class KunlunAttentionImpl(AttentionImpl[KunlunAttentionMetadata]):
         kv_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
     ) -> None:
+        if self.attn_type == AttentionType.ENCODER_ONLY:
+            return  # encoder-only layers keep no cache (vLLM still hands them a slot mapping)
         key_cache, value_cache = split_kv_cache(kv_cache)
         num_tokens = slot_mapping.shape[0]
         ops.reshape_and_cache(
@@ -146,9 +162,12 @@ class KunlunAttentionImpl(AttentionImpl[KunlunAttentionMetadata]):
         if attn_metadata is None:  # profiling run: no KV cache yet
             return output.fill_(0)
 
-        key_cache, value_cache = split_kv_cache(kv_cache)
         out = output.view(-1, self.num_heads, self.head_size)
         q = query.view(-1, self.num_heads, self.head_size)
+        if self.attn_type == AttentionType.ENCODER_ONLY:
+            return self._encoder_forward(out, q, key, value, attn_metadata, output)
+
+        key_cache, value_cache = split_kv_cache(kv_cache)
         split = attn_metadata.num_decode_tokens
         end = attn_metadata.num_actual_tokens
         common = dict(scale=self.scale, sliding_window=self.sliding_window,
@@ -165,4 +184,26 @@ class KunlunAttentionImpl(AttentionImpl[KunlunAttentionMetadata]):
                 p.query_start_loc, p.query_start_loc_cpu, p.seq_lens, p.seq_start_loc,
                 p.seq_start_loc_cpu, p.max_query_len, p.max_seq_len, **common,
             )  # fmt: skip
+        return output
+
+    def _encoder_forward(
+        self,
+        out: torch.Tensor,
+        q: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attn_metadata: KunlunAttentionMetadata,
+        output: torch.Tensor,
+    ) -> torch.Tensor:
+        """Encoder-only layers: the step's tokens attend within their own sequence, no cache."""
+        end = attn_metadata.num_actual_tokens
+        p = attn_metadata.prefill
+        if p is None:
+            return output
+        k = key.view(-1, self.num_kv_heads, self.head_size)[:end]
+        v = value.view(-1, self.num_kv_heads, self.head_size)[:end]
+        ops.encoder_attention(
+            out[:end], q[:end], k, v, p.query_start_loc, p.query_start_loc_cpu,
+            p.max_query_len, self.scale,
+        )  # fmt: skip
         return output

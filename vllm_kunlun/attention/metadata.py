@@ -68,9 +68,12 @@ class KunlunAttentionMetadataBuilder(AttentionMetadataBuilder[KunlunAttentionMet
         fast_build: bool = False,
     ) -> KunlunAttentionMetadata:
         cm = common_attn_metadata
-        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
-            cm, decode_threshold=1
-        )
+        if cm.causal:
+            num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
+                cm, decode_threshold=1
+            )
+        else:  # encoder-only: every request is a whole sequence, even a one-token one
+            num_decodes, num_prefills, num_decode_tokens = 0, cm.num_reqs, 0
         num_reqs = cm.num_reqs
         seq_lens_cpu = cm.seq_lens_cpu_upper_bound
         if seq_lens_cpu is None:

@@ -437,3 +437,36 @@ class KunlunProvider:
             context_kvlen_lod_xpu=_dense(seq_start_loc.to(torch.int32)),
         )
         _write_back(out, dst)
+
+    def encoder_attention(
+        self,
+        out: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        query_start_loc_cpu: torch.Tensor,
+        max_query_len: int,
+        scale: float,
+    ) -> None:
+        # The dense form with is_causal=False, as newer branches of the recorded plugin call it
+        # for encoder-only models (KUNLUN.md, prefill_attention); queries are their own keys.
+        dst = _dense(out)
+        lod_cpu = _dense(query_start_loc_cpu.to(torch.int32))
+        lod = _dense(query_start_loc.to(torch.int32))
+        self.ops.prefill_attention(
+            q=_dense(query),
+            k=_dense(key),
+            v=_dense(value),
+            out=dst,
+            is_causal=False,
+            alpha=scale * math.sqrt(query.shape[-1]),
+            context_qlen_lod_cpu=lod_cpu,
+            context_qlen_lod_xpu=lod,
+            alibi_slopes=None,
+            softmax_lse=None,
+            swa_left=-1,
+            swa_right=-1,
+            sink=None,
+        )
+        _write_back(out, dst)

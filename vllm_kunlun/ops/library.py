@@ -149,3 +149,20 @@ def prefill_attention(
         seq_lens, seq_start_loc, seq_start_loc_cpu, max_query_len, max_seq_len,
         scale, sliding_window, softcap,
     )  # fmt: skip
+
+
+@_op(mutates_args=("out",))
+def encoder_attention(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    query_start_loc_cpu: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+) -> None:
+    """Bidirectional attention in packed sequences, no cache; see reference.encoder_attention."""
+    current_provider().encoder_attention(
+        out, query, key, value, query_start_loc, query_start_loc_cpu, max_query_len, scale
+    )

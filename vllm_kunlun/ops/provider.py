@@ -51,6 +51,12 @@ class ReferenceProvider:
             max_query_len, max_seq_len, scale, sliding_window, softcap,
         )  # fmt: skip
 
+    @staticmethod
+    def encoder_attention(
+        out, query, key, value, query_start_loc, query_start_loc_cpu, max_query_len, scale
+    ) -> None:
+        reference.encoder_attention(out, query, key, value, query_start_loc, max_query_len, scale)
+
 
 def kunlun_library_available() -> bool:
     return importlib.util.find_spec("kunlun_ops") is not None

@@ -311,17 +311,23 @@ def prefill_attention(
     is_prefix_cache=False, block_table=None, context_kvlen_lod_cpu=None,
     context_kvlen_lod_xpu=None,
 ) -> None:  # fmt: skip
-    """Varlen causal attention; in the prefix-cache form k/v are the whole paged caches.
-
-    Scores are q.k / sqrt(head_dim) * alpha; query rows of request r are the last tokens of its
-    kv length (context already in the cache, plus the new tokens, which are cached too).
+    """Varlen attention. The prefix-cache form is causal and k/v are the whole paged caches:
+    query rows of request r are the last tokens of its kv length (context already in the cache,
+    plus the new tokens, which are cached too). The dense form is modeled only non-causal (the
+    encoder-only call): k/v are [T, Hkv, D] and every token sees its whole sequence.
+    Scores are q.k / sqrt(head_dim) * alpha.
     """
-    _expect(is_prefix_cache is True, "only the paged/prefix-cache form is modeled")
-    _expect(is_causal is True, "only causal attention is modeled")
     for name, value in (("alibi_slopes", alibi_slopes), ("softmax_lse", softmax_lse),
                         ("sink", sink)):  # fmt: skip
         _not_modeled(name, value)
     _tensor("q", q, 3)
+    _expect(isinstance(alpha, float), "alpha must be a float")
+    if not is_prefix_cache:
+        _expect(is_causal is False, "only the non-causal dense form is modeled")
+        _dense_bidirectional(q, k, v, out, alpha, context_qlen_lod_cpu, context_qlen_lod_xpu,
+                             swa_left, swa_right, block_table, context_kvlen_lod_cpu)  # fmt: skip
+        return
+    _expect(is_causal is True, "only causal attention is modeled in the prefix-cache form")
     num_tokens, heads, head_dim = q.shape
     _attention_args(q, k, v, heads, k.shape[1], head_dim)
     _output("out", out, q, tuple(q.shape))
@@ -334,9 +340,29 @@ def prefill_attention(
     _expect(bool((kv_lens >= q_lens).all()), "a kv length is shorter than its query length")
     window = _window("swa_left", swa_left)
     _expect(swa_right == (0 if window > 0 else -1), "swa_right must be 0 with a window, else -1")
-    _expect(isinstance(alpha, float), "alpha must be a float")
     table = _used_blocks(block_table, kv_lens, k.shape[2], (k, v))
     reference.prefill_attention(
         out, q, k, v, table, context_qlen_lod_xpu, kv_lod.diff().to(q.device),
         int(q_lens.max()), int(kv_lens.max()), alpha / math.sqrt(head_dim), window, 0.0,
     )  # fmt: skip
+
+
+def _dense_bidirectional(q, k, v, out, alpha, lod_cpu, lod_xpu, swa_left, swa_right,
+                         block_table, kvlen_lod_cpu) -> None:  # fmt: skip
+    num_tokens, heads, head_dim = q.shape
+    for name, t in (("k", k), ("v", v)):
+        _tensor(name, t, 3)
+        _expect(t.dtype == q.dtype, f"{name} must have dtype {q.dtype}, got {t.dtype}")
+        _expect(t.shape[0] == num_tokens, f"{name} must have one row per query token")
+        _expect(t.shape[2] == head_dim, f"{name} head dim must be {head_dim}")
+    _expect(k.shape == v.shape, "k and v must have the same shape")
+    _expect(heads % k.shape[1] == 0, "q heads must be a multiple of k heads")
+    _output("out", out, q, tuple(q.shape))
+    _expect(swa_left == -1 and swa_right == -1, "the dense form is modeled without a window")
+    _expect(block_table is None and kvlen_lod_cpu is None, "the dense form takes no cache args")
+    batch = _tensor("context_qlen_lod_cpu", lod_cpu, 1).numel() - 1
+    lod = _lod("context_qlen_lod", lod_cpu, lod_xpu, batch)
+    _expect(int(lod[-1]) == num_tokens, "context_qlen_lod must end at the number of tokens")
+    reference.encoder_attention(
+        out, q, k, v, lod_xpu, int(lod.diff().max()), alpha / math.sqrt(head_dim)
+    )

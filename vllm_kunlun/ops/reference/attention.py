@@ -4,7 +4,8 @@ Each request's keys and values are gathered from its blocks into a dense, padded
 [requests, kv_heads, length, head_size] tensor; one boolean mask per request carries causality,
 the sequence end and the sliding window. Query heads share KV heads in groups (GQA/MQA).
 Scores and softmax are float32; the probabilities meet V in the model dtype, as in Hugging
-Face's eager attention.
+Face's eager attention. Encoder-only models attend within each packed sequence, both ways,
+without a cache (`encoder_attention`).
 """
 
 import torch
@@ -90,6 +91,30 @@ def attend(
     return torch.matmul(probs, v).view(requests, heads, num_queries, head_size)
 
 
+def _token_places(
+    query_start_loc: torch.Tensor, num_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For packed tokens, each token's request and its row within that request."""
+    requests = query_start_loc.shape[0] - 1
+    lengths = query_start_loc[1:] - query_start_loc[:-1]
+    device = query_start_loc.device
+    request_of_token = torch.repeat_interleave(
+        torch.arange(requests, device=device), lengths, output_size=num_tokens
+    )
+    row_in_request = torch.arange(num_tokens, device=device) - query_start_loc[request_of_token]
+    return request_of_token, row_in_request
+
+
+def _pad(
+    packed: torch.Tensor, places: tuple[torch.Tensor, torch.Tensor], requests: int, rows: int
+) -> torch.Tensor:
+    """[T, H, D] packed tokens at `places` (from _token_places) -> [R, rows, H, D], zero past
+    each request's end."""
+    padded = packed.new_zeros(requests, rows, *packed.shape[1:])
+    padded[places] = packed
+    return padded
+
+
 def decode_attention(
     out: torch.Tensor,
     query: torch.Tensor,
@@ -134,22 +159,42 @@ def prefill_attention(
     query/out: [T, H, D], request r owns rows query_start_loc[r]:query_start_loc[r+1], the last
     tokens of its seq_lens[r]; its earlier tokens are read from the cache like the new ones.
     """
-    num_tokens, heads, head_size = query.shape
-    requests = seq_lens.shape[0]
     query_lens = query_start_loc[1:] - query_start_loc[:-1]
-    request_of_token = torch.repeat_interleave(
-        torch.arange(requests, device=query.device), query_lens, output_size=num_tokens
-    )
-    row_in_request = (
-        torch.arange(num_tokens, device=query.device) - query_start_loc[request_of_token]
-    )
-
-    padded = query.new_zeros(requests, max_query_len, heads, head_size)
-    padded[request_of_token, row_in_request] = query
+    places = _token_places(query_start_loc, query.shape[0])
+    padded = _pad(query, places, seq_lens.shape[0], max_query_len)
     k = gather_kv(key_cache, block_table, max_seq_len)
     v = gather_kv(value_cache, block_table, max_seq_len)
     context_lens = seq_lens - query_lens
     positions = context_lens[:, None] + torch.arange(max_query_len, device=query.device)
     allowed = allowed_keys(positions, seq_lens, k.shape[2], sliding_window)
     o = attend(padded.transpose(1, 2), k, v, allowed, seq_lens, scale, softcap)  # [R, H, Q, D]
-    out.copy_(o.transpose(1, 2)[request_of_token, row_in_request])
+    out.copy_(o.transpose(1, 2)[places])
+
+
+def encoder_attention(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+) -> None:
+    """Bidirectional attention within each packed sequence (encoder-only models); no KV cache.
+
+    query/out: [T, H, D], key/value: [T, Hkv, D]; request r owns rows
+    query_start_loc[r]:query_start_loc[r+1] and every one of its tokens sees all of them.
+    """
+    num_tokens = query.shape[0]
+    if num_tokens == 0:
+        return
+    places = _token_places(query_start_loc, num_tokens)
+    requests = query_start_loc.shape[0] - 1
+    q, k, v = (_pad(t, places, requests, max_query_len).transpose(1, 2)
+               for t in (query, key, value))  # fmt: skip
+    lengths = query_start_loc[1:] - query_start_loc[:-1]
+    allowed = torch.arange(max_query_len, device=query.device) < lengths[:, None]
+    o = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed[:, None, None, :], scale=scale, enable_gqa=True
+    )  # [R, H, Q, D]
+    out.copy_(o.transpose(1, 2)[places])
