@@ -2,6 +2,7 @@
 
     python -m benchmarks.run            # the full comparison (about an hour on 2 cores)
     python -m benchmarks.run --quick    # a very small end-to-end run (what the tests use)
+    python -m benchmarks.run --only "64x128/128 eager"   # one offline workload
 
 Each figure is the median of --runs runs per backend; the table shows plugin / in-tree ratios.
 Results go to results/bench-<time>.json and .png with the machine, versions and settings.
@@ -169,10 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=None, help="runs per figure (median)")
     parser.add_argument("--out", type=Path, default=REPO / "results")
     parser.add_argument("--skip-serving", action="store_true")
+    parser.add_argument("--only", metavar="TEXT", default=None,
+                        help="only the offline workloads whose name contains TEXT "
+                        "(e.g. 'eager'); implies --skip-serving")  # fmt: skip
     args = parser.parse_args(argv)
     runs = args.runs or (1 if args.quick else 3)
     offline, serving = quick_plan() if args.quick else full_plan()
-    if args.skip_serving:
+    if args.only is not None:
+        names = ", ".join(repr(w.name) for w in offline)
+        offline = [w for w in offline if args.only in w.name]
+        if not offline:
+            parser.error(f"--only {args.only!r} matches no workload; the workloads are {names}")
+    if args.skip_serving or args.only is not None:
         serving = []
 
     env_lines = "\n".join(f"  {k}: {v}" for k, v in environment().items())

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from benchmarks.run import lower_is_better
+from benchmarks.run import lower_is_better, main
 from tests.engine import REPO
 
 pytestmark = pytest.mark.engine
@@ -32,3 +32,10 @@ def test_quick_benchmark_compares_both_backends(tmp_path):
 def test_latency_and_memory_are_lower_is_better():
     assert lower_is_better("ms per decode step") and lower_is_better("p99 ttft ms")
     assert lower_is_better("peak RSS GiB") and not lower_is_better("output tokens/s")
+
+
+def test_only_filters_workloads_and_names_them_when_nothing_matches(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--only", "no such workload"])
+    assert stopped.value.code == 2
+    assert "'throughput 64x128/128 eager'" in capsys.readouterr().err

@@ -511,6 +511,22 @@ def test_decode_attention_max_seq_len_may_be_an_upper_bound() -> None:
     assert_close_to(loose, expected_decode(paged, query, seq_lens, 0.125, -1, 0.0), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("sliding_window", "softcap"), [(-1, 0.0), (50, 0.0), (9, 0.0), (-1, 5.0)])
+def test_decode_attention_when_every_request_has_the_same_length(
+    dtype: torch.dtype, sliding_window: int, softcap: float
+) -> None:
+    """The common batch shape (prompts of one length decoding together) skips the mask unless a
+    window hides keys; stale slots after the last token of the last block must stay unseen."""
+    block_size, heads, kv_heads, head_size = 16, 9, 3, 64
+    seq_lens = [37] * 4  # 3 of 16 slots used in each last block
+    paged = build_paged_kv(seq_lens, kv_heads, head_size, block_size, dtype)
+    query = torch.randn(len(seq_lens), heads, head_size).to(dtype)
+    out = run_decode(paged, query, seq_lens, 0.125, sliding_window, softcap)
+    expected = expected_decode(paged, query, seq_lens, 0.125, sliding_window, softcap)
+    assert_close_to(out, expected, dtype)
+
+
 def test_decode_attention_strided_query_and_output_slice() -> None:
     """query as a view of a fused qkv tensor; out as a slice of a larger output buffer."""
     block_size, heads, kv_heads, head_size = 32, 9, 3, 64
