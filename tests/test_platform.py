@@ -139,3 +139,15 @@ def test_attention_backend_names_what_it_cannot_run(attn_type, extra, named):
     assert KunlunAttentionBackend.supports_attn_type(attn_type) == (
         attn_type in ("decoder", "encoder_only")
     )
+
+
+def test_metadata_builder_refuses_per_request_causal_masks():
+    from types import SimpleNamespace
+
+    import torch
+
+    from vllm_kunlun.attention.metadata import KunlunAttentionMetadataBuilder
+
+    batch = SimpleNamespace(causal=torch.tensor([True, False]))
+    with pytest.raises(NotImplementedError, match="per-request causal masks"):
+        KunlunAttentionMetadataBuilder.build(None, 0, batch)

@@ -68,6 +68,11 @@ class KunlunAttentionMetadataBuilder(AttentionMetadataBuilder[KunlunAttentionMet
         fast_build: bool = False,
     ) -> KunlunAttentionMetadata:
         cm = common_attn_metadata
+        if isinstance(cm.causal, torch.Tensor):
+            raise NotImplementedError(
+                "vllm-kunlun's attention backend does not support per-request causal masks "
+                "(dynamic causality) yet; see docs/support-matrix.md for what is supported."
+            )
         if cm.causal:
             num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
                 cm, decode_threshold=1
