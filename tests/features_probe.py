@@ -9,6 +9,8 @@ compares the answers. Usage: python -m tests.features_probe SPEC_JSON with
 import json
 import sys
 
+from tests.generate import finish
+
 # 78 words: over 200 tokens with the default model's tokenizer, which the tiny models share.
 SHARED_PREFIX_WORDS = 78
 JSON_SCHEMA = {
@@ -167,7 +169,7 @@ def main() -> None:
     result = {"platform": type(current_platform).__name__}
     for name in spec["probes"]:
         result[name] = PROBES[name](llm, SamplingParams)
-    print("RESULT " + json.dumps(result), flush=True)
+    finish(llm, result)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ otherwise.
 """
 
 import json
+import os
 import sys
 
 
@@ -21,9 +22,7 @@ def main() -> None:
     llm = LLM(model=spec["model"], dtype=spec["dtype"], seed=0, **engine_kwargs)
     if spec.get("embed"):
         embeddings = [o.outputs.embedding for o in llm.embed(spec["prompts"])]
-        result = {"platform": type(current_platform).__name__, "embeddings": embeddings}
-        print("RESULT " + json.dumps(result), flush=True)
-        return
+        finish(llm, {"platform": type(current_platform).__name__, "embeddings": embeddings})
     params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True,
                             logprobs=spec.get("logprobs"))  # fmt: skip
     outputs = llm.generate(spec["prompts"], params)
@@ -38,7 +37,26 @@ def main() -> None:
              for position in o.outputs[0].logprobs]
             for o in outputs
         ]  # fmt: skip
+    finish(llm, result)
+
+
+def finish(llm, result: dict) -> None:
+    """Print the result, stop the engine, and leave without interpreter teardown.
+
+    The engine is shut down explicitly, so its workers exit cleanly and write their op counts.
+    The process then ends with os._exit: at normal interpreter exit, a native thread left
+    behind by vLLM's pooling path (in-tree backend or plugin alike) sometimes aborts the process
+    ("terminate called without an active exception", exit -6) after the work is done.
+    """
     print("RESULT " + json.dumps(result), flush=True)
+    llm.llm_engine.engine_core.shutdown()
+    if os.environ.get("VLLM_KUNLUN_OP_STATS"):  # an engine in this process counts here too
+        from vllm_kunlun.ops import stats
+
+        stats.write_stats(os.environ["VLLM_KUNLUN_OP_STATS"])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
