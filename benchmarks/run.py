@@ -10,6 +10,7 @@ Results go to results/bench-<time>.json and .png with the machine, versions and 
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -148,7 +149,8 @@ def environment() -> dict[str, str]:
         "torch": torch.__version__,
         "vllm": installed_vllm_version() or "?",
         "vllm-kunlun": __version__,
-        "settings": f"--kv-cache-memory-bytes {KV_CACHE}; plugin: emulated XPU with 6 GiB",
+        "settings": f"--kv-cache-memory-bytes {KV_CACHE}; plugin: emulated XPU with 6 GiB, "
+        f"VLLM_KUNLUN_KERNELS={os.environ.get('VLLM_KUNLUN_KERNELS', 'auto')}",
     }
 
 

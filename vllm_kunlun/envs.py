@@ -6,6 +6,7 @@ against one list.
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,11 @@ VLLM_KUNLUN_EMULATED_DEVICES = EnvVar(
 VLLM_KUNLUN_KERNELS = EnvVar(
     "VLLM_KUNLUN_KERNELS",
     "auto",
-    "Kernel provider: 'auto' (the Kunlun library when kunlun_ops imports, else the reference "
-    "kernels), 'reference', or 'kunlun' (fail if kunlun_ops does not import).",
+    "Kernel provider: 'auto' (the Kunlun library when kunlun_ops imports; else the compiled "
+    "provider when a C++ compiler is found; else the reference kernels), 'reference' (plain "
+    "PyTorch only), 'compiled' (reference kernels with decode attention and rotary compiled "
+    "from C++ for the emulated device; fail without a C++ compiler) or 'kunlun' (fail if "
+    "kunlun_ops does not import).",
 )
 VLLM_KUNLUN_OP_STATS = EnvVar(
     "VLLM_KUNLUN_OP_STATS",
@@ -50,8 +54,8 @@ VLLM_KUNLUN_OP_STATS = EnvVar(
 VLLM_KUNLUN_CACHE_DIR = EnvVar(
     "VLLM_KUNLUN_CACHE_DIR",
     "",
-    "Where the prepared default model is kept. Default: $XDG_CACHE_HOME/vllm-kunlun "
-    "(~/.cache/vllm-kunlun).",
+    "Where the prepared default model and the emulated device's compiled kernels are kept. "
+    "Default: $XDG_CACHE_HOME/vllm-kunlun (~/.cache/vllm-kunlun).",
 )
 XPU_VISIBLE_DEVICES = EnvVar(
     "XPU_VISIBLE_DEVICES",
@@ -68,6 +72,15 @@ ALL: tuple[EnvVar, ...] = (
     VLLM_KUNLUN_CACHE_DIR,
     XPU_VISIBLE_DEVICES,
 )
+
+
+def cache_dir() -> Path:
+    """VLLM_KUNLUN_CACHE_DIR, or $XDG_CACHE_HOME/vllm-kunlun, or ~/.cache/vllm-kunlun."""
+    configured = VLLM_KUNLUN_CACHE_DIR.get()
+    if configured:
+        return Path(configured).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vllm-kunlun"
 
 
 def emulation_requested() -> bool:

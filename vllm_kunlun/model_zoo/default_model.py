@@ -23,11 +23,7 @@ _DONE_MARKER = ".prepared"
 
 
 def cache_dir() -> Path:
-    configured = envs.VLLM_KUNLUN_CACHE_DIR.get()
-    if configured:
-        return Path(configured).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "vllm-kunlun"
+    return envs.cache_dir()
 
 
 def model_dir() -> Path:

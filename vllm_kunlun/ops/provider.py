@@ -1,4 +1,5 @@
-"""Choosing the kernel provider: the Kunlun vendor library, or the reference kernels.
+"""Choosing the kernel provider: the Kunlun vendor library, the reference kernels, or the
+reference kernels with a compiled decode attention for the emulated device.
 
 A provider is an object with one method per op in vllm_kunlun.ops.library, taking the op's
 arguments in the op's order; tests check that the signatures agree.
@@ -15,7 +16,7 @@ logger = get_logger("ops")
 
 OP_NAMES = tuple(reference.__all__)
 #: Values VLLM_KUNLUN_KERNELS accepts.
-KERNEL_CHOICES = ("auto", "reference", "kunlun")
+KERNEL_CHOICES = ("auto", "reference", "compiled", "kunlun")
 
 
 class ReferenceProvider:
@@ -69,15 +70,33 @@ def choose_provider():
         raise ValueError(
             f"VLLM_KUNLUN_KERNELS={choice!r} is not one of {', '.join(KERNEL_CHOICES)}."
         )
-    if choice == "reference" or (choice == "auto" and not kunlun_library_available()):
-        return ReferenceProvider()
-    from vllm_kunlun.ops.kunlun_binding import KunlunProvider
+    if choice == "kunlun" or (choice == "auto" and kunlun_library_available()):
+        from vllm_kunlun.ops.kunlun_binding import KunlunProvider
 
-    return KunlunProvider.load()
+        return KunlunProvider.load()
+    if choice == "reference":
+        return ReferenceProvider()
+    from vllm_kunlun.ops.compiled_provider import CompiledProvider, compiler_available
+
+    if compiler_available():
+        return CompiledProvider()
+    if choice == "compiled":
+        raise RuntimeError(
+            "VLLM_KUNLUN_KERNELS=compiled needs a C++ compiler (`c++` on PATH) to build the "
+            "emulated device's kernels; install one (e.g. apt-get install g++) or set "
+            "VLLM_KUNLUN_KERNELS=reference."
+        )
+    logger.warning("vllm-kunlun: no C++ compiler found, so the emulated device runs the "
+                   "reference kernels only (slower decode attention); install g++ to compile "
+                   "them, or set VLLM_KUNLUN_KERNELS=reference to silence this.")  # fmt: skip
+    return ReferenceProvider()
 
 
 @functools.cache
 def current_provider():
     provider = choose_provider()
     logger.info("vllm-kunlun kernel provider: %s", provider.description)
+    prepare = getattr(provider, "prepare", None)
+    if prepare is not None:
+        prepare()
     return provider

@@ -1,0 +1,123 @@
+"""The compiled provider: reference kernels, with decode attention and rotary embedding
+compiled from C++ for the emulated device (the host CPU).
+
+They are where emulation spent most of its time (docs/benchmarks.md): the reference decode
+attention gathers every request's KV pages into dense copies before attending, and the reference
+rotary makes about ten torch calls per layer. The C++ kernels in csrc/ read the pages in place
+and rotate in one pass. They are built once per machine with torch's extension builder (a C++
+compiler and ninja; vLLM's CPU build already needs both) and cached under the plugin's cache
+directory. The reference stays the specification: the compiled kernels are tested against it
+and against the plain formulas (tests/test_compiled_kernels.py).
+"""
+
+import functools
+import hashlib
+import shutil
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from vllm_kunlun import envs
+from vllm_kunlun.log import get_logger
+from vllm_kunlun.ops.provider import ReferenceProvider
+
+logger = get_logger("ops")
+
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("decode_attention.cpp", "rotary_embedding.cpp")]  # fmt: skip
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def compiler_available() -> bool:
+    return shutil.which("c++") is not None
+
+
+def _cpu_flags() -> str:
+    """The host's instruction-set flags: the build uses -march=native, so it is per CPU type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def build_directory() -> Path:
+    """One build per (source, torch, CPU type), under the plugin's cache directory."""
+    sources = [path.read_text() for path in SOURCES]
+    key = "\n".join([*sources, torch.__version__, sys.version, _cpu_flags(), *CFLAGS])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return envs.cache_dir() / "kernels" / f"emulated-{digest}"
+
+
+@functools.cache
+def load_kernels() -> ModuleType:
+    """Build (first use on this machine only) and import the C++ kernels."""
+    from torch.utils import cpp_extension
+
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    fresh = not any(directory.glob("*.so"))
+    if fresh:
+        logger.info("vllm-kunlun: compiling the emulated device's C++ kernels into %s "
+                    "(first use on this machine; about 20 s) ...", directory)  # fmt: skip
+    started = time.monotonic()
+    module = cpp_extension.load(
+        name="vllm_kunlun_emulated_kernels",
+        sources=[str(path) for path in SOURCES],
+        extra_cflags=CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
+        verbose=False,
+    )
+    if fresh:
+        logger.info("vllm-kunlun: C++ kernels built in %.0f s", time.monotonic() - started)
+    return module
+
+
+class CompiledProvider(ReferenceProvider):
+    name = "compiled"
+    description = (
+        "reference kernels, with decode attention and rotary compiled from C++ (emulated device)"
+    )
+
+    @staticmethod
+    def prepare() -> None:
+        """Build or load the kernels now, at worker start, rather than in the first step."""
+        load_kernels()
+
+    @staticmethod
+    def decode_attention(
+        out, query, key_cache, value_cache, block_table, seq_lens, seq_lens_cpu,
+        max_seq_len, max_model_len, scale, sliding_window, softcap,
+    ) -> None:  # fmt: skip
+        if query.device.type != "cpu":  # host kernels; a real device's tensors take the reference
+            ReferenceProvider.decode_attention(
+                out, query, key_cache, value_cache, block_table, seq_lens, seq_lens_cpu,
+                max_seq_len, max_model_len, scale, sliding_window, softcap,
+            )  # fmt: skip
+            return
+        load_kernels().decode_attention(
+            out, query, key_cache, value_cache, block_table.to(torch.int32),
+            seq_lens.to(torch.int32).contiguous(), scale, sliding_window, softcap,
+        )  # fmt: skip
+
+    @staticmethod
+    def rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox) -> None:
+        if query.device.type != "cpu":
+            ReferenceProvider.rotary_embedding(
+                positions, query, key, head_size, cos_sin_cache, is_neox
+            )
+            return
+        positions = positions.flatten()
+        num_tokens = positions.shape[0]
+        cos_sin = cos_sin_cache.index_select(0, positions).float()  # [T, rotary_dim]
+        for x in (query, key):
+            if x is not None:
+                load_kernels().rotary_embedding(
+                    x.view(num_tokens, -1, head_size), cos_sin, cos_sin_cache.shape[-1], is_neox
+                )
