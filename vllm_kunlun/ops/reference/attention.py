@@ -63,16 +63,19 @@ def attend(
     seq_lens: torch.Tensor,
     scale: float,
     softcap: float,
+    shortest: int | None = None,
 ) -> torch.Tensor:
     """q [R, H, Q, D], k/v [R, Hkv, L, D] (gathered copies), allowed [R, Q, L] or None (every
-    key visible to every query) -> [R, H, Q, D].
+    key visible to every query) -> [R, H, Q, D]. `shortest` is min(seq_lens) if the caller
+    already has it (reading it from a device tensor waits for the device).
 
     The query heads that share a KV head are stacked as extra query rows, [R, Hkv, G * Q, D], so
     each KV head is read once per group. Without soft-capping this is torch's fused attention
     (float32 scores and softmax inside, whatever the model dtype); soft-capping needs the formula.
     """
     # Slots past a sequence's end hold stale memory: a NaN there would survive 0 * NaN.
-    shortest = int(seq_lens.min())
+    if shortest is None:
+        shortest = int(seq_lens.min())
     tail = v[:, :, shortest:]
     past_end = torch.arange(shortest, v.shape[2], device=v.device) >= seq_lens[:, None]
     tail.masked_fill_(past_end[:, None, :, None].expand(*tail.shape[:3], 1), 0.0)  # 2x faster
@@ -139,13 +142,14 @@ def decode_attention(
     v = gather_kv(value_cache, block_table, max_seq_len)[:, :, :max_seq_len]
     # The new token is the last one: causality is just "before the sequence end".
     allowed = None  # every gathered key is visible (a batch of equal lengths, window permitting)
-    if int(seq_lens.min()) < max_seq_len or 0 < sliding_window < max_seq_len:
+    shortest = int(seq_lens.min())
+    if shortest < max_seq_len or 0 < sliding_window < max_seq_len:
         key_positions = torch.arange(max_seq_len, device=query.device)
         allowed = key_positions < seq_lens[:, None]
         if sliding_window > 0:
             allowed &= key_positions >= (seq_lens - sliding_window)[:, None]
         allowed = allowed[:, None]  # [R, Q=1, L]
-    o = attend(query.unsqueeze(2), k, v, allowed, seq_lens, scale, softcap)
+    o = attend(query.unsqueeze(2), k, v, allowed, seq_lens, scale, softcap, shortest)
     out.copy_(o.squeeze(2))
 
 
