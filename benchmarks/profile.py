@@ -6,7 +6,7 @@
 
 Runs one offline workload of `make bench` once per backend under py-spy (a sampling profiler
 that follows vLLM's engine and worker processes), then prints, per backend, the time the model
-runner spent in each part of a step (attention, GEMMs, norms, ...) and its heaviest frames.
+runner spent in each part of a step (attention, GEMMs, norms, ...) and the functions it spent it in.
 Sampling slows both sides alike, so compare the columns with each other, not with `make bench`.
 """
 
@@ -82,12 +82,12 @@ def part_samples(stacks: list[tuple[list[str], int]]) -> dict[str, int]:
 
 
 def heaviest_frames(stacks: list[tuple[list[str], int]], top: int) -> list[tuple[str, int]]:
-    """Frames by inclusive samples (a frame counts once per sample)."""
-    inclusive: Counter[str] = Counter()
+    """Innermost Python frames by samples: where the time is spent, native calls included
+    (py-spy charges a C++ kernel to the Python function that called it)."""
+    own: Counter[str] = Counter()
     for frames, count in stacks:
-        for frame in set(frames):
-            inclusive[frame] += count
-    return inclusive.most_common(top)
+        own[frames[-1]] += count
+    return own.most_common(top)
 
 
 def profile_backend(workload, backend: str, workdir: Path) -> list[tuple[list[str], int]]:
@@ -116,7 +116,7 @@ def render(profiles: dict[str, list[tuple[list[str], int]]], top: int) -> str:
         ratio = f"{plugin / in_tree:7.2f}" if in_tree else "      -"
         lines.append(f"{label:34} {plugin * ms / 1000:9.2f} {in_tree * ms / 1000:9.2f} {ratio}")
     for backend, stacks in profiles.items():
-        lines.append(f"\nheaviest frames, {backend} (share of the model runner's samples):")
+        lines.append(f"\nwhere {backend} spends the model runner's time (innermost frames):")
         for frame, count in heaviest_frames(stacks, top):
             lines.append(f"  {100 * count / max(totals[backend], 1):5.1f}%  {frame[:110]}")
     return "\n".join(lines)

@@ -48,7 +48,9 @@ def test_parts_add_samples_once_per_stack(tmp_path):
     assert parts["sampling"] == 5
 
 
-def test_heaviest_frames_merge_lines_of_one_function(tmp_path):
-    top = dict(heaviest_frames(stacks(tmp_path), top=3))
-    assert top["GPUModelRunner.execute_model (vllm/v1/worker/gpu_model_runner.py)"] == 70
-    assert top["decode_attention (vllm_kunlun/ops/library.py)"] == 42
+def test_heaviest_frames_are_innermost_and_merge_lines_of_one_function(tmp_path):
+    top = heaviest_frames(stacks(tmp_path), top=2)
+    assert top == [
+        ("decode_attention (vllm_kunlun/ops/library.py)", 42),
+        ("cpu_unquantized_gemm (vllm/utils.py)", 20),
+    ]
