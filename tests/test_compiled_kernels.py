@@ -1,6 +1,8 @@
 """The compiled provider's kernels (vllm_kunlun/ops/csrc/) against the plain formulas and the
 reference kernels, over the shapes, dtypes, layouts, windows and soft-caps the reference is
-tested with; and how the provider is chosen."""
+tested with; and how the provider is chosen.
+(The norm and KV-write kernels also run the reference kernels' own tests:
+tests/test_compiled_row_ops.py.)"""
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from tests.test_reference_kernels import (
     decode_seq_lens,
     expected_decode,
     make_cos_sin_cache,
+    plain_rms_norm,
     plain_rotary,
     run_decode,
 )
@@ -116,6 +119,42 @@ def test_bad_inputs_get_a_clear_error() -> None:
         run_compiled(paged, query, [5], 0.125, -1, 0.0)
     with pytest.raises(RuntimeError, match="share a dtype"):
         run_compiled(paged, torch.randn(1, 4, 64).to(torch.bfloat16), [5], 0.125, -1, 0.0)
+
+
+def test_decode_attention_with_a_huge_score_range() -> None:
+    """Scores far below the maximum (e^-1000) must weigh 0, not wrap the exponent around."""
+    block_size, heads, kv_heads, head_size = 16, 4, 2, 64
+    seq_lens = [40, 7]
+    paged = build_paged_kv(seq_lens, kv_heads, head_size, block_size, torch.float32)
+    query = torch.randn(2, heads, head_size) * 300
+    out = run_compiled(paged, query, seq_lens, 0.125, -1, 0.0)
+    assert_close_to(out, expected_decode(paged, query, seq_lens, 0.125, -1, 0.0), torch.float32)
+
+
+def test_row_ops_run_in_cpp_for_contiguous_inputs(monkeypatch) -> None:
+    """test_compiled_row_ops.py could pass on the fallback alone: the C++ path takes these."""
+    for name in ("rms_norm", "fused_add_rms_norm", "reshape_and_cache"):
+        monkeypatch.setattr(ReferenceProvider, name, staticmethod(lambda *a, **k: 1 / 0))
+    x, residual, weight = torch.randn(3, 100), torch.randn(3, 100), torch.rand(100) + 0.5
+    expected = plain_rms_norm(x, weight, 1e-6)
+    assert_close_to(CompiledProvider.rms_norm(x, weight, 1e-6), expected, torch.float32)
+    CompiledProvider.fused_add_rms_norm(x, residual, weight, 1e-6)
+    key, cache = torch.randn(2, 2, 64), torch.zeros(4, 2, 16, 64)
+    CompiledProvider.reshape_and_cache(key, key, cache, cache.clone(), torch.tensor([17, 2]))
+    assert torch.equal(cache[1, :, 1], key[0]) and torch.equal(cache[0, :, 2], key[1])
+
+
+def test_row_ops_refuse_what_they_cannot_take() -> None:
+    kernels = compiled_provider.load_kernels()
+    x = torch.randn(4, 100)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        kernels.rms_norm(x[:, :50], torch.ones(50), 1e-6)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        kernels.rms_norm(x, torch.ones(100, dtype=torch.float64), 1e-6)
+    with pytest.raises(RuntimeError, match="slot_mapping must be contiguous int64"):
+        cache = torch.zeros(2, 2, 16, 64)
+        kernels.reshape_and_cache(torch.randn(1, 2, 64), torch.randn(1, 2, 64), cache,
+                                  cache.clone(), torch.tensor([0], dtype=torch.int32))  # fmt: skip
 
 
 # Rotary embedding ------------------------------------------------------------------------------

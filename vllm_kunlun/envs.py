@@ -41,7 +41,7 @@ VLLM_KUNLUN_KERNELS = EnvVar(
     "auto",
     "Kernel provider: 'auto' (the Kunlun library when kunlun_ops imports; else the compiled "
     "provider when a C++ compiler is found; else the reference kernels), 'reference' (plain "
-    "PyTorch only), 'compiled' (reference kernels with decode attention and rotary compiled "
+    "PyTorch only), 'compiled' (decode attention, rotary, norms and KV writes compiled "
     "from C++ for the emulated device; fail without a C++ compiler) or 'kunlun' (fail if "
     "kunlun_ops does not import).",
 )

@@ -1,13 +1,17 @@
-"""The compiled provider: reference kernels, with decode attention and rotary embedding
-compiled from C++ for the emulated device (the host CPU).
+"""The compiled provider: the emulated device's decode attention, rotary, norms and KV-cache
+writes compiled from C++ for the host CPU; the other ops stay the reference kernels (prefill and
+encoder attention are torch's fused attention, the activations one torch call each).
 
-They are where emulation spent most of its time (docs/benchmarks.md): the reference decode
-attention gathers every request's KV pages into dense copies before attending, and the reference
-rotary makes about ten torch calls per layer. The C++ kernels in csrc/ read the pages in place
-and rotate in one pass. They are built once per machine with torch's extension builder (a C++
-compiler and ninja; vLLM's CPU build already needs both) and cached under the plugin's cache
-directory. The reference stays the specification: the compiled kernels are tested against it
-and against the plain formulas (tests/test_compiled_kernels.py).
+vLLM's CPU worker runs every kernel on one thread (docs/benchmarks.md), where the reference
+kernels' extra passes and temporaries cost the most: the reference decode attention gathers every
+request's KV pages into dense copies before attending, and the norms and rotary make
+several torch calls with a temporary each. The C++ kernels in csrc/ read the pages in place and
+make one pass over each row. Layouts they do not take (non-contiguous rows, mixed dtypes,
+tensors on a real device) go to the reference kernels. The kernels are built once per machine
+with torch's extension builder (a C++ compiler and ninja; vLLM's CPU build already needs both)
+and cached under the plugin's cache directory. The reference stays the specification: the
+compiled kernels are tested against it and against the plain formulas
+(tests/test_compiled_kernels.py).
 """
 
 import functools
@@ -26,8 +30,11 @@ from vllm_kunlun.ops.provider import ReferenceProvider
 
 logger = get_logger("ops")
 
-SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("decode_attention.cpp", "rotary_embedding.cpp")]  # fmt: skip
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [
+    CSRC / name for name in ("decode_attention.cpp", "rotary_embedding.cpp", "elementwise.cpp")
+]
+HEADERS = [CSRC / "vector_math.h"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
@@ -48,7 +55,7 @@ def _cpu_flags() -> str:
 
 def build_directory() -> Path:
     """One build per (source, torch, CPU type), under the plugin's cache directory."""
-    sources = [path.read_text() for path in SOURCES]
+    sources = [path.read_text() for path in (*SOURCES, *HEADERS)]
     key = "\n".join([*sources, torch.__version__, sys.version, _cpu_flags(), *CFLAGS])
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return envs.cache_dir() / "kernels" / f"emulated-{digest}"
@@ -82,7 +89,8 @@ def load_kernels() -> ModuleType:
 class CompiledProvider(ReferenceProvider):
     name = "compiled"
     description = (
-        "reference kernels, with decode attention and rotary compiled from C++ (emulated device)"
+        "decode attention, rotary, norms and KV writes compiled from C++, other ops reference "
+        "(emulated device)"
     )
 
     @staticmethod
@@ -113,11 +121,43 @@ class CompiledProvider(ReferenceProvider):
                 positions, query, key, head_size, cos_sin_cache, is_neox
             )
             return
-        positions = positions.flatten()
+        positions = positions.flatten().to(torch.int64).contiguous()
         num_tokens = positions.shape[0]
-        cos_sin = cos_sin_cache.index_select(0, positions).float()  # [T, rotary_dim]
+        cache = cos_sin_cache.contiguous()
+        if cache.dtype not in (torch.float32, query.dtype):
+            cache = cache.float()
         for x in (query, key):
             if x is not None:
                 load_kernels().rotary_embedding(
-                    x.view(num_tokens, -1, head_size), cos_sin, cos_sin_cache.shape[-1], is_neox
+                    x.view(num_tokens, -1, head_size), positions, cache, is_neox
                 )
+
+    @staticmethod
+    def rms_norm(x, weight, eps):
+        if not _compiled_layout(x, weight):
+            return ReferenceProvider.rms_norm(x, weight, eps)
+        return load_kernels().rms_norm(x, weight, eps)
+
+    @staticmethod
+    def fused_add_rms_norm(x, residual, weight, eps) -> None:
+        if not _compiled_layout(x, residual, weight):
+            ReferenceProvider.fused_add_rms_norm(x, residual, weight, eps)
+            return
+        load_kernels().fused_add_rms_norm(x, residual, weight, eps)
+
+    @staticmethod
+    def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping) -> None:
+        if key.device.type != "cpu" or not (key.dtype == value.dtype == key_cache.dtype):
+            ReferenceProvider.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+            return
+        load_kernels().reshape_and_cache(
+            key, value, key_cache, value_cache, slot_mapping.to(torch.int64).contiguous()
+        )
+
+
+def _compiled_layout(*tensors: torch.Tensor) -> bool:
+    """Host tensors of one dtype, each contiguous: what the row kernels take."""
+    first = tensors[0]
+    return first.device.type == "cpu" and all(
+        t.is_contiguous() and t.dtype == first.dtype and t.device == first.device for t in tensors
+    )

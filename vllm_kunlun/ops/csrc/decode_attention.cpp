@@ -17,6 +17,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "vector_math.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -57,25 +59,6 @@ inline void prefetch_rows(const T* page, int64_t rows, int64_t row_stride, int64
   for (int64_t j = 0; j < rows; ++j) {
     for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(bytes + j * stride_bytes + b);
   }
-}
-
-// e^x for the shifted scores of a softmax (x <= 0), in plain arithmetic so that loops over it
-// vectorize: e^x = 2^i * 2^f with i = floor(x log2 e) and 2^f on [0, 1) from a degree-5
-// polynomial (relative error about 1e-7, float32's own rounding).
-inline float exp_nonpositive(float x) {
-  const float t = std::max(x, -126.f) * 1.44269504f;
-  const float whole = std::floor(t);
-  const float f = t - whole;
-  float p = 1.895107291e-3f;
-  p = p * f + 8.946214666e-3f;
-  p = p * f + 5.586328266e-2f;
-  p = p * f + 2.401407701e-1f;
-  p = p * f + 6.931546200e-1f;
-  p = p * f + 9.999998958e-1f;
-  const int32_t bits = (static_cast<int32_t>(whole) + 127) << 23;
-  float power;
-  std::memcpy(&power, &bits, sizeof power);
-  return p * power;
 }
 
 template <typename T, int64_t kHeadSize>
@@ -171,7 +154,7 @@ void decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor&
         float total = 0.f;
 #pragma omp simd reduction(+ : total)
         for (int64_t i = 0; i < n; ++i) {
-          sg[i] = exp_nonpositive(sg[i] - top);
+          sg[i] = vector_math::exp(sg[i] - top);
           total += sg[i];
         }
         inv_total[g] = 1.f / total;
@@ -255,9 +238,11 @@ void decode_attention(torch::Tensor out, torch::Tensor query, torch::Tensor key_
 
 }  // namespace
 
-void register_rotary(pybind11::module& m);  // rotary_embedding.cpp
+void register_rotary(pybind11::module& m);       // rotary_embedding.cpp
+void register_elementwise(pybind11::module& m);  // elementwise.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "Paged decode attention (see the file header)");
   register_rotary(m);
+  register_elementwise(m);
 }
