@@ -139,6 +139,8 @@ def test_row_ops_run_in_cpp_for_contiguous_inputs(monkeypatch) -> None:
     expected = plain_rms_norm(x, weight, 1e-6)
     assert_close_to(CompiledProvider.rms_norm(x, weight, 1e-6), expected, torch.float32)
     CompiledProvider.fused_add_rms_norm(x, residual, weight, 1e-6)
+    with pytest.raises(ZeroDivisionError):  # float16 rows are sent to the reference
+        CompiledProvider.rms_norm(x.half(), weight.half(), 1e-6)
     key, cache = torch.randn(2, 2, 64), torch.zeros(4, 2, 16, 64)
     CompiledProvider.reshape_and_cache(key, key, cache, cache.clone(), torch.tensor([17, 2]))
     assert torch.equal(cache[1, :, 1], key[0]) and torch.equal(cache[0, :, 2], key[1])

@@ -30,7 +30,7 @@ namespace {
 template <typename T>
 inline void to_float(const T* src, float* dst, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i] = vector_math::to_float(src[i]);
 }
 
 // bfloat16 is the top half of a float32: widening is a shift, which vectorizes.
@@ -192,7 +192,7 @@ void decode(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor&
       for (int64_t g = 0; g < group; ++g) {
         T* og = o + r * o_request + (h * group + g) * o_head;
         for (int64_t d = 0; d < head_size; ++d) {
-          og[d] = static_cast<T>(acc[g * head_size + d] * inv_total[g]);
+          og[d] = vector_math::from_float<T>(acc[g * head_size + d] * inv_total[g]);
         }
       }
     }

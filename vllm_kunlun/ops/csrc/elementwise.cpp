@@ -25,14 +25,14 @@ inline void normalize_row(const T* x, const T* weight, T* y, int64_t hidden, flo
   float sum_squares = 0.f;
 #pragma omp simd reduction(+ : sum_squares)
   for (int64_t i = 0; i < hidden; ++i) {
-    const float v = static_cast<float>(x[i]);
+    const float v = vector_math::to_float(x[i]);
     sum_squares += v * v;
   }
   const float inv_rms = 1.f / std::sqrt(sum_squares / static_cast<float>(hidden) + eps);
 #pragma omp simd
   for (int64_t i = 0; i < hidden; ++i) {
-    const float normalized = static_cast<float>(round_to<T>(static_cast<float>(x[i]) * inv_rms));
-    y[i] = round_to<T>(normalized * static_cast<float>(weight[i]));
+    const float normalized = vector_math::to_float(round_to<T>(vector_math::to_float(x[i]) * inv_rms));
+    y[i] = round_to<T>(normalized * vector_math::to_float(weight[i]));
   }
 }
 
@@ -42,7 +42,7 @@ inline void add_and_normalize_row(T* x, T* residual, const T* weight, int64_t hi
                                   float eps) {
 #pragma omp simd
   for (int64_t i = 0; i < hidden; ++i) {
-    residual[i] = round_to<T>(static_cast<float>(x[i]) + static_cast<float>(residual[i]));
+    residual[i] = round_to<T>(vector_math::to_float(x[i]) + vector_math::to_float(residual[i]));
   }
   normalize_row(residual, weight, x, hidden, eps);
 }

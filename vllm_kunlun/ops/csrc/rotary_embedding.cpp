@@ -24,14 +24,15 @@ inline void rotate_pairs(T* first, T* second, int64_t step, const float* cos, co
   if (step == 1) {
 #pragma omp simd
     for (int64_t j = 0; j < half; ++j) {
-      const float a = static_cast<float>(first[j]), b = static_cast<float>(second[j]);
+      const float a = vector_math::to_float(first[j]), b = vector_math::to_float(second[j]);
       first[j] = vector_math::from_float<T>(a * cos[j] - b * sin[j]);
       second[j] = vector_math::from_float<T>(b * cos[j] + a * sin[j]);
     }
     return;
   }
   for (int64_t j = 0; j < half; ++j) {
-    const float a = static_cast<float>(first[j * step]), b = static_cast<float>(second[j * step]);
+    const float a = vector_math::to_float(first[j * step]);
+    const float b = vector_math::to_float(second[j * step]);
     first[j * step] = vector_math::from_float<T>(a * cos[j] - b * sin[j]);
     second[j * step] = vector_math::from_float<T>(b * cos[j] + a * sin[j]);
   }
@@ -51,8 +52,8 @@ void rotate(torch::Tensor& x, const torch::Tensor& positions, const torch::Tenso
     for (int64_t t = begin; t < end; ++t) {
       const C* row = table + position[t] * rotary_dim;
       for (int64_t j = 0; j < half; ++j) {
-        cos[j] = static_cast<float>(row[j]);
-        sin[j] = static_cast<float>(row[half + j]);
+        cos[j] = vector_math::to_float(row[j]);
+        sin[j] = vector_math::to_float(row[half + j]);
       }
       for (int64_t h = 0; h < heads; ++h) {
         T* head = data + t * token_stride + h * head_stride;

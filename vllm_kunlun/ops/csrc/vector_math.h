@@ -2,9 +2,9 @@
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #include <c10/util/BFloat16.h>
 
@@ -15,22 +15,29 @@ namespace vector_math {
 // below e^-87 the result is about 1e-38 rather than 0, above e^88 it stays finite.
 inline float exp(float x) {
   const float t = std::min(std::max(x * 1.44269504f, -126.f), 127.f);
-  const float whole = std::floor(t);
-  const float f = t - whole;
+  // floor(t) by truncation and a correction: std::floor does not vectorize without fast-math.
+  int32_t whole = static_cast<int32_t>(t);
+  whole -= static_cast<int32_t>(t < static_cast<float>(whole));
+  const float f = t - static_cast<float>(whole);
   float p = 1.895107291e-3f;
   p = p * f + 8.946214666e-3f;
   p = p * f + 5.586328266e-2f;
   p = p * f + 2.401407701e-1f;
   p = p * f + 6.931546200e-1f;
   p = p * f + 9.999998958e-1f;
-  const int32_t bits = (static_cast<int32_t>(whole) + 127) << 23;
-  float power;
-  std::memcpy(&power, &bits, sizeof power);
-  return p * power;
+  const int32_t bits = (whole + 127) << 23;
+  return p * std::bit_cast<float>(bits);
 }
 
-// float -> T with round-to-nearest-even. For bfloat16 this is integer arithmetic on the bits,
-// which vectorizes (c10's conversion does not), and gives the same result, NaN included.
+// Conversions between float32 and the tensor dtypes. bfloat16 -> float is a shift either way;
+// float -> bfloat16 is integer arithmetic on the bits here, which vectorizes (c10's conversion
+// does not), with the same result: round-to-nearest-even, NaN kept. (c10's half conversions do
+// not vectorize either; the provider sends float16 rows to the reference kernels.)
+template <typename T>
+inline float to_float(T x) {
+  return static_cast<float>(x);
+}
+
 template <typename T>
 inline T from_float(float x) {
   return static_cast<T>(x);
@@ -38,8 +45,7 @@ inline T from_float(float x) {
 
 template <>
 inline c10::BFloat16 from_float<c10::BFloat16>(float x) {
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
+  const uint32_t bits = std::bit_cast<uint32_t>(x);
   const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
   const uint16_t out = x != x ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
   return c10::BFloat16(out, c10::BFloat16::from_bits());
