@@ -11,6 +11,7 @@ otherwise.
 import json
 import os
 import sys
+from typing import NoReturn
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
     finish(llm, result)
 
 
-def finish(llm, result: dict) -> None:
+def finish(llm, result: dict) -> NoReturn:
     """Print the result, stop the engine, and leave without interpreter teardown.
 
     The engine is shut down explicitly, so its workers exit cleanly and write their op counts.

@@ -71,7 +71,7 @@ def load_kernels() -> ModuleType:
     fresh = not any(directory.glob("*.so"))
     if fresh:
         logger.info("vllm-kunlun: compiling the emulated device's C++ kernels into %s "
-                    "(first use on this machine; about 20 s) ...", directory)  # fmt: skip
+                    "(first use on this machine; 20 to 40 s) ...", directory)  # fmt: skip
     started = time.monotonic()
     module = cpp_extension.load(
         name="vllm_kunlun_emulated_kernels",

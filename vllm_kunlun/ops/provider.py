@@ -1,5 +1,5 @@
 """Choosing the kernel provider: the Kunlun vendor library, the reference kernels, or the
-reference kernels with a compiled decode attention for the emulated device.
+emulated device's compiled kernels (vllm_kunlun.ops.compiled_provider).
 
 A provider is an object with one method per op in vllm_kunlun.ops.library, taking the op's
 arguments in the op's order; tests check that the signatures agree.
@@ -87,7 +87,7 @@ def choose_provider():
             "VLLM_KUNLUN_KERNELS=reference."
         )
     logger.warning("vllm-kunlun: no C++ compiler found, so the emulated device runs the "
-                   "reference kernels only (slower decode attention); install g++ to compile "
+                   "reference kernels only (slower); install g++ to compile "
                    "them, or set VLLM_KUNLUN_KERNELS=reference to silence this.")  # fmt: skip
     return ReferenceProvider()
 

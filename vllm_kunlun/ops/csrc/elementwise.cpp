@@ -3,9 +3,10 @@
 //
 // Same contracts as the reference kernels in vllm_kunlun/ops/reference/ (norm.py, kv_cache.py),
 // which are their specification and test oracle, with the same roundings: statistics in
-// float32, results rounded to the tensor's dtype where the reference rounds. Each is one pass over its rows, where the reference makes
-// several torch calls with a temporary each. The Python side (compiled_provider.py) sends only
-// layouts these kernels accept (contiguous rows, one dtype) and the rest to the reference.
+// float32, results rounded to the tensor's dtype where the reference rounds. Each is one pass
+// over its rows, where the reference makes several torch calls with a temporary each. The
+// Python side (compiled_provider.py) sends only layouts these kernels accept (contiguous rows,
+// one dtype) and the rest to the reference.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -14,10 +15,8 @@
 
 namespace {
 
-template <typename T>
-inline T round_to(float x) {
-  return vector_math::from_float<T>(x);
-}
+using vector_math::from_float;
+using vector_math::to_float;
 
 // y = T(x / rms(x)) * w, with rms over the row in float32 (the reference rounds before * w).
 template <typename T>
@@ -25,14 +24,14 @@ inline void normalize_row(const T* x, const T* weight, T* y, int64_t hidden, flo
   float sum_squares = 0.f;
 #pragma omp simd reduction(+ : sum_squares)
   for (int64_t i = 0; i < hidden; ++i) {
-    const float v = vector_math::to_float(x[i]);
+    const float v = to_float(x[i]);
     sum_squares += v * v;
   }
   const float inv_rms = 1.f / std::sqrt(sum_squares / static_cast<float>(hidden) + eps);
 #pragma omp simd
   for (int64_t i = 0; i < hidden; ++i) {
-    const float normalized = vector_math::to_float(round_to<T>(vector_math::to_float(x[i]) * inv_rms));
-    y[i] = round_to<T>(normalized * vector_math::to_float(weight[i]));
+    const float normalized = to_float(from_float<T>(to_float(x[i]) * inv_rms));
+    y[i] = from_float<T>(normalized * to_float(weight[i]));
   }
 }
 
@@ -42,7 +41,7 @@ inline void add_and_normalize_row(T* x, T* residual, const T* weight, int64_t hi
                                   float eps) {
 #pragma omp simd
   for (int64_t i = 0; i < hidden; ++i) {
-    residual[i] = round_to<T>(vector_math::to_float(x[i]) + vector_math::to_float(residual[i]));
+    residual[i] = from_float<T>(to_float(x[i]) + to_float(residual[i]));
   }
   normalize_row(residual, weight, x, hidden, eps);
 }

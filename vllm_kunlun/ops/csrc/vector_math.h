@@ -29,13 +29,19 @@ inline float exp(float x) {
   return p * std::bit_cast<float>(bits);
 }
 
-// Conversions between float32 and the tensor dtypes. bfloat16 -> float is a shift either way;
-// float -> bfloat16 is integer arithmetic on the bits here, which vectorizes (c10's conversion
-// does not), with the same result: round-to-nearest-even, NaN kept. (c10's half conversions do
-// not vectorize either; the provider sends float16 rows to the reference kernels.)
+// Conversions between float32 and the tensor dtypes. For bfloat16 both are integer arithmetic
+// on the bits, which vectorizes (c10's float -> bfloat16 conversion does not), with c10's
+// results: widening is a shift (bfloat16 is the top half of a float32), narrowing rounds to
+// nearest even and keeps NaN. (c10's half conversions do not vectorize either; the provider
+// sends float16 rows to the reference kernels.)
 template <typename T>
 inline float to_float(T x) {
   return static_cast<float>(x);
+}
+
+template <>
+inline float to_float<c10::BFloat16>(c10::BFloat16 x) {
+  return std::bit_cast<float>(static_cast<uint32_t>(x.x) << 16);
 }
 
 template <typename T>
