@@ -209,16 +209,17 @@ def test_both_runtimes_name_the_kunlun_communicator_and_their_backend():
 
 def test_platform_ray_facts(monkeypatch):
     monkeypatch.setenv("VLLM_KUNLUN_EMULATE", "1")
-    from vllm_kunlun.platform import KunlunPlatform
+    from vllm_kunlun.platform import EmulatedKunlunPlatform
 
-    assert KunlunPlatform.get_device_communicator_cls() == COMMUNICATOR_PATH
-    assert KunlunPlatform.dist_backend == "gloo"
+    assert EmulatedKunlunPlatform.get_device_communicator_cls() == COMMUNICATOR_PATH
+    assert EmulatedKunlunPlatform.dist_backend == "gloo"
     # vLLM's Ray workers look their device ids up under this key among Ray's accelerators.
     import ray._private.accelerators as ray_accelerators
 
-    assert KunlunPlatform.ray_device_key in ray_accelerators.get_all_accelerator_resource_names()
-    assert "XPU_VISIBLE_DEVICES" in KunlunPlatform.additional_env_vars
-    assert KunlunPlatform.ray_noset_device_env_vars == [
+    resource_names = ray_accelerators.get_all_accelerator_resource_names()
+    assert EmulatedKunlunPlatform.ray_device_key in resource_names
+    assert "XPU_VISIBLE_DEVICES" in EmulatedKunlunPlatform.additional_env_vars
+    assert EmulatedKunlunPlatform.ray_noset_device_env_vars == [
         "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
     ]
 

@@ -68,7 +68,7 @@ def test_minilm_attention_runs_in_the_plugins_encoder_kernel(tmp_path):
     stats_dir = tmp_path / "ops"
     result = run_generation(minilm_folder(), TEXTS, 0, env=emulation_env(stats_dir), embed=True,
                             runner="pooling", max_model_len=256)  # fmt: skip
-    assert result["platform"] == "KunlunPlatform"
+    assert result["platform"] == "EmulatedKunlunPlatform"
     assert_close_in_direction(torch.tensor(result["embeddings"]),
                               sentence_transformers_embeddings(TEXTS))  # fmt: skip
     counts = read_op_stats(stats_dir)

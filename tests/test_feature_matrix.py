@@ -56,7 +56,7 @@ def engines(tiny_model_factory, tmp_path_factory) -> dict[str, dict]:
     )  # fmt: skip
     intree = run_probes(model, ["sampling", "long_context"], {"VLLM_KUNLUN_EMULATE": None},
                         gpu_memory_utilization=0.3)  # fmt: skip
-    assert (on["platform"], off["platform"]) == ("KunlunPlatform", "KunlunPlatform")
+    assert (on["platform"], off["platform"]) == ("EmulatedKunlunPlatform", "EmulatedKunlunPlatform")
     assert intree["platform"] == "CpuPlatform"
     assert read_op_stats(stats).get("prefill_attention", 0) > 0
     return {"on": on, "off": off, "intree": intree}

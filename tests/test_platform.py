@@ -1,5 +1,6 @@
 """Platform selection, device facts and config checks."""
 
+import importlib
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ PROBE = """
 import json
 from vllm.platforms import current_platform as p
 facts = {"platform": type(p).__name__, "module": type(p).__module__}
-if facts["module"] == "vllm_kunlun.platform":
+if facts["module"].startswith("vllm_kunlun.platform"):
     facts.update(name=p.get_device_name(), count=p.device_count(), is_cpu=p.is_cpu(),
                  oot=p.is_out_of_tree(), total=p.get_device_total_memory(0),
                  free=p.get_device_free_memory(0))
@@ -34,7 +35,8 @@ def probe(env: dict[str, str | None]) -> dict:
 
 def test_emulation_selects_the_kunlun_platform():
     facts = probe({"VLLM_KUNLUN_EMULATE": "1", "VLLM_KUNLUN_EMULATED_MEMORY_GIB": "3"})
-    assert facts["platform"] == "KunlunPlatform"
+    assert facts["platform"] == "EmulatedKunlunPlatform"
+    assert facts["module"] == "vllm_kunlun.platform.emulated"
     assert "emulated" in facts["name"] and "Kunlun" in facts["name"]
     assert facts["oot"] and facts["is_cpu"]
     assert facts["count"] == 1
@@ -68,7 +70,30 @@ def test_register_is_idempotent_and_silent_without_a_device(monkeypatch):
     monkeypatch.delenv("VLLM_KUNLUN_EMULATE", raising=False)
     assert vllm_kunlun.register() is None
     monkeypatch.setenv("VLLM_KUNLUN_EMULATE", "1")
-    assert vllm_kunlun.register() == vllm_kunlun.register() == "vllm_kunlun.platform.KunlunPlatform"
+    assert vllm_kunlun.register() == vllm_kunlun.register() == vllm_kunlun.EMULATED_PLATFORM_PATH
+
+
+def test_each_runtime_names_a_platform_register_ops_recognises():
+    import vllm_kunlun
+    from vllm_kunlun.device import EmulatedRuntime, XpuRuntime
+
+    paths = (EmulatedRuntime.platform_cls, XpuRuntime.platform_cls)
+    assert paths == (vllm_kunlun.EMULATED_PLATFORM_PATH, vllm_kunlun.XPU_PLATFORM_PATH)
+    assert set(paths) == set(vllm_kunlun.PLATFORM_PATHS)
+    for path in paths:
+        module, _, name = path.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        assert f"{cls.__module__}.{cls.__qualname__}" == path
+
+
+def test_the_emulated_platform_builds_on_vllms_cpu_platform():
+    from vllm.platforms.cpu import CpuPlatform
+
+    from vllm_kunlun.platform import EmulatedKunlunPlatform, KunlunPlatformBase
+
+    assert EmulatedKunlunPlatform.__mro__[1:3] == (KunlunPlatformBase, CpuPlatform)
+    assert EmulatedKunlunPlatform.dist_backend == "gloo"
+    assert EmulatedKunlunPlatform.device_type == "cpu"
 
 
 def test_emulated_memory_budget_errors_are_clear(monkeypatch):

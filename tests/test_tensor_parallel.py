@@ -58,7 +58,7 @@ def test_tp2_multiprocessing_matches_tp1_with_both_ranks_on_their_own_xpu(
     env = emulation_env(tmp_path, VLLM_KUNLUN_EMULATED_DEVICES="4", XPU_VISIBLE_DEVICES="2,3")
     result = run_generation(qwen3, PROMPTS_4, MAX_TOKENS, env=env, tensor_parallel_size=2,
                             distributed_executor_backend="mp")  # fmt: skip
-    assert result["platform"] == "KunlunPlatform"
+    assert result["platform"] == "EmulatedKunlunPlatform"
     assert result["token_ids"] == qwen3_tp1
     assert_every_rank_ran_plugin_ops(tmp_path, ranks=2)
     assert "Worker 0 runs on emulated XPU 2" in result["log"]
@@ -83,7 +83,7 @@ def test_tp2_on_ray_matches_tp1(qwen3, qwen3_tp1, monkeypatch):
         )  # fmt: skip
     finally:
         ray.shutdown()
-    assert result["platform"] == "KunlunPlatform"
+    assert result["platform"] == "EmulatedKunlunPlatform"
     assert f"Connecting to existing Ray cluster at address: {address}" in result["log"]
     assert "Worker 0 runs on emulated XPU 0" in result["log"]
     assert "Worker 1 runs on emulated XPU 1" in result["log"]

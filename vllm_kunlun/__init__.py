@@ -7,13 +7,17 @@ let the plugin register its layers and attention backend.
 
 __version__ = "0.1.0"
 
-PLATFORM_PATH = "vllm_kunlun.platform.KunlunPlatform"
+#: The platform classes `register` can hand to vLLM: one per device runtime.
+EMULATED_PLATFORM_PATH = "vllm_kunlun.platform.emulated.EmulatedKunlunPlatform"
+XPU_PLATFORM_PATH = "vllm_kunlun.platform.xpu.KunlunPlatform"
+PLATFORM_PATHS = (EMULATED_PLATFORM_PATH, XPU_PLATFORM_PATH)
 
 _ops_registered = False
 
 
 def register() -> str | None:
-    """The platform class path when a Kunlun XPU or emulation is available, else None."""
+    """The platform class path for the detected Kunlun device (a real XPU, or the emulated one
+    when VLLM_KUNLUN_EMULATE=1), else None."""
     from vllm_kunlun import device
     from vllm_kunlun.compat import check_vllm_version
 
@@ -28,21 +32,22 @@ def register() -> str | None:
 
         get_logger("plugin").error("%s", error)
         raise
-    return PLATFORM_PATH
+    return runtime.platform_cls
 
 
 def register_ops() -> None:
     """Register the plugin's layers and attention backend with vLLM (idempotent).
 
-    Does nothing unless the Kunlun platform is the active one, so installing the plugin never
-    changes vLLM's behaviour on other platforms.
+    Does nothing unless a Kunlun platform (emulated or XPU) is the active one, so installing the
+    plugin never changes vLLM's behaviour on other platforms.
     """
     global _ops_registered
     if _ops_registered:
         return
     from vllm.platforms import current_platform
 
-    if type(current_platform).__module__ != PLATFORM_PATH.rpartition(".")[0]:
+    platform_cls = type(current_platform)
+    if f"{platform_cls.__module__}.{platform_cls.__qualname__}" not in PLATFORM_PATHS:
         return
     from vllm_kunlun.attention import register_backend
     from vllm_kunlun.layers import register_layers

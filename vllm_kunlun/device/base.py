@@ -19,6 +19,9 @@ class DeviceRuntime(ABC):
     #: True when the device shares the host's memory and cores (vLLM's host-CPU code paths,
     #: such as thread binding and gloo collectives, then apply to it).
     is_host: bool
+    #: Dotted path of the vLLM platform class for this device (what `vllm_kunlun.register`
+    #: hands to vLLM).
+    platform_cls: str
     #: Dotted path of the worker class vLLM instantiates per device.
     worker_cls: str
     #: Dotted path of the device communicator class.

@@ -18,6 +18,7 @@ class EmulatedRuntime(DeviceRuntime):
     torch_device_type = "cpu"
     dist_backend = "gloo"
     is_host = True
+    platform_cls = "vllm_kunlun.platform.emulated.EmulatedKunlunPlatform"
     worker_cls = "vllm_kunlun.worker.emulated.EmulatedKunlunWorker"
     communicator_cls = "vllm_kunlun.distributed.communicator.KunlunCommunicator"
 

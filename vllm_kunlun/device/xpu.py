@@ -7,8 +7,12 @@ collectives use the "nccl" backend name (served by BKCL), and memory queries go 
 """
 
 import glob
+from typing import TYPE_CHECKING
 
 from vllm_kunlun.device.base import DeviceRuntime
+
+if TYPE_CHECKING:
+    import torch
 
 
 def xpu_device_nodes() -> list[str]:
@@ -25,6 +29,7 @@ class XpuRuntime(DeviceRuntime):
     torch_device_type = "cuda"
     dist_backend = "nccl"
     is_host = False
+    platform_cls = "vllm_kunlun.platform.xpu.KunlunPlatform"
     worker_cls = "vllm_kunlun.worker.xpu.KunlunWorker"
     communicator_cls = "vllm_kunlun.distributed.communicator.KunlunCommunicator"
 
@@ -41,6 +46,17 @@ class XpuRuntime(DeviceRuntime):
 
         free, _total = torch.cuda.mem_get_info(index)
         return free
+
+    def allocated_memory(self, device: "torch.types.Device" = None) -> int:
+        """Bytes torch has allocated on `device` (the current XPU when None) right now.
+
+        Through the two calls the public Kunlun plugin makes (KUNLUN.md §1.5): after a peak
+        reset, the peak is the current allocation.
+        """
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.max_memory_allocated(device)
 
     def set_device(self, index: int) -> None:
         import torch

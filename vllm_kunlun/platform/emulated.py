@@ -1,0 +1,40 @@
+"""EmulatedKunlunPlatform: how vLLM sees an emulated Kunlun XPU that computes on the host CPU.
+
+The emulated XPU computes on the host, so the platform builds on vLLM's CpuPlatform: vLLM's
+host-side handling (thread binding, gloo, spawn, no pinned memory, no graph capture) is right
+for it, and the Kunlun parts (kernels, attention backend, worker, memory, name) come from
+KunlunPlatformBase. The vLLM CPU branches it meets are listed in docs/architecture.md (design
+choices).
+"""
+
+from typing import TYPE_CHECKING
+
+from vllm.platforms.cpu import CpuPlatform
+
+from vllm_kunlun.device import EmulatedRuntime
+from vllm_kunlun.platform.base import KunlunPlatformBase
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+
+class EmulatedKunlunPlatform(KunlunPlatformBase, CpuPlatform):
+    # vLLM uses device_name as the torch.distributed device string on OOT platforms.
+    device_name: str = EmulatedRuntime.torch_device_type
+    device_type: str = EmulatedRuntime.torch_device_type
+    dispatch_key: str = "CPU"
+    dist_backend: str = EmulatedRuntime.dist_backend
+
+    def is_cpu(self) -> bool:
+        """True: vLLM's host-device branches (memory nodes, OMP, gloo) apply to the emulated
+        device. The plugin's layers and backend keep the compute (docs/architecture.md)."""
+        return True
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config: "VllmConfig") -> None:
+        super().check_and_update_config(vllm_config)
+        cls._check_kunlun_config(vllm_config)
+        if vllm_config.parallel_config.distributed_executor_backend == "mp":
+            from vllm_kunlun.worker.host_cores import share_host_cores
+
+            share_host_cores(vllm_config.parallel_config.local_world_size)
