@@ -7,10 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.engine import PROMPTS, emulation_env, read_op_stats, run_generation
-from vllm_kunlun.ops.kunlun_binding import KunlunProvider
-from vllm_kunlun.ops.provider import ReferenceProvider
+from tests.ops.kv_cache.shared import kv_page_views
+from vllm_kunlun.attention.backend import split_kv_cache
+from vllm_kunlun.ops.provider import Provider
 
 STANDIN = Path(__file__).parent / "standin"
 MAX_TOKENS = 32
@@ -36,7 +38,7 @@ def generate(model: Path, kernels: str, tmp_path: Path) -> tuple[dict, dict, dic
     env = emulation_env(stats_dir, VLLM_KUNLUN_KERNELS=kernels, PYTHONPATH=pythonpath,
                         KUNLUN_STANDIN_CALLS=str(calls_dir))  # fmt: skip
     result = run_generation(model, PROMPTS, MAX_TOKENS, env=env, dtype="float32")
-    assert result["platform"] == "KunlunPlatform"
+    assert result["platform"] == "EmulatedKunlunPlatform"
     return result, read_op_stats(stats_dir), read_standin_calls(calls_dir)
 
 
@@ -45,9 +47,9 @@ def test_kunlun_provider_matches_reference_in_the_engine(default_model, tmp_path
     kunlun, kunlun_ops, vendor_calls = generate(default_model, "auto", tmp_path)
     reference, _, reference_vendor_calls = generate(default_model, "reference", tmp_path)
 
-    assert f"vllm-kunlun kernel provider: {KunlunProvider.description}" in kunlun["log"]
+    assert f"vllm-kunlun kernel provider: {Provider('kunlun').description}" in kunlun["log"]
     assert "rmsnorm uses the active form" in kunlun["log"]
-    assert f"vllm-kunlun kernel provider: {ReferenceProvider.description}" in reference["log"]
+    assert f"vllm-kunlun kernel provider: {Provider('reference').description}" in reference["log"]
 
     for i, (got, want) in enumerate(zip(kunlun["token_ids"], reference["token_ids"], strict=True)):
         assert got == want, f"prompt {i} ({PROMPTS[i]!r}) diverges:\n kunlun {got}\n ref    {want}"
@@ -59,3 +61,12 @@ def test_kunlun_provider_matches_reference_in_the_engine(default_model, tmp_path
     assert vendor_calls["speculative_attention"] == kunlun_ops["decode_attention"]
     assert vendor_calls["prefill_attention"] == kunlun_ops["prefill_attention"]
     assert reference_vendor_calls == {}
+
+
+def test_the_kernel_tests_use_the_backends_kv_cache_layout():
+    """tests/ops cannot import the attention backend (it imports vLLM), so it repeats
+    split_kv_cache's layout (tests/ops/kv_cache/shared.py): the two must agree."""
+    buffer = torch.randn(5, 2, 16, 2 * 8)
+    for ours, backends in zip(kv_page_views(buffer), split_kv_cache(buffer), strict=True):
+        assert ours.shape == backends.shape and ours.stride() == backends.stride()
+        assert ours.data_ptr() == backends.data_ptr()

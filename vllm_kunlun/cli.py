@@ -4,6 +4,7 @@
     vllm-kunlun bench|chat|complete|run-batch  as vLLM's own subcommands
     vllm-kunlun default-model                  print the default model's folder (prepare it once)
     vllm-kunlun doctor                         check the set-up; exit status 1 if it cannot serve
+    vllm-kunlun check-kernels                  every kernel against the reference (no vLLM needed)
 
 Add --emulate (or set VLLM_KUNLUN_EMULATE=1) to run on the emulated XPU on the host CPU.
 """
@@ -15,7 +16,7 @@ from vllm_kunlun import envs
 from vllm_kunlun.supervisor import CHILD_FLAG, supervise
 
 EMULATE_FLAG = "--emulate"
-PLUGIN_COMMANDS = ("default-model", "doctor")
+PLUGIN_COMMANDS = ("default-model", "doctor", "check-kernels")
 NEEDS_DEVICE = ("serve", "bench", "run-batch")
 
 
@@ -58,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["default-model"]:
         print(_default_model_path())
         return 0
+
+    if args[:1] == ["check-kernels"]:
+        from vllm_kunlun.ops.check.cli import main as check_kernels_main
+
+        return check_kernels_main(args[1:])
 
     if args[:1] == ["doctor"]:
         from vllm_kunlun.doctor import main as doctor_main

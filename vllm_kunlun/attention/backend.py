@@ -22,7 +22,8 @@ from vllm_kunlun.attention.metadata import (
     KunlunAttentionMetadata,
     KunlunAttentionMetadataBuilder,
 )
-from vllm_kunlun.ops import library as ops
+from vllm_kunlun.ops import attention as attention_ops
+from vllm_kunlun.ops import kv_cache as kv_cache_ops
 
 #: Decoder self-attention over the paged cache, and encoder-only (bidirectional, cache-free)
 #: attention for embedding models such as BERT.
@@ -139,7 +140,7 @@ class KunlunAttentionImpl(AttentionImpl[KunlunAttentionMetadata]):
             return  # encoder-only layers keep no cache (vLLM still hands them a slot mapping)
         key_cache, value_cache = split_kv_cache(kv_cache)
         num_tokens = slot_mapping.shape[0]
-        ops.reshape_and_cache(
+        kv_cache_ops.reshape_and_cache(
             key[:num_tokens], value[:num_tokens], key_cache, value_cache, slot_mapping
         )
 
@@ -174,12 +175,12 @@ class KunlunAttentionImpl(AttentionImpl[KunlunAttentionMetadata]):
                       softcap=self.logits_soft_cap)  # fmt: skip
 
         if (d := attn_metadata.decode) is not None:
-            ops.decode_attention(
+            attention_ops.decode_attention(
                 out[:split], q[:split], key_cache, value_cache, d.block_table, d.seq_lens,
                 d.seq_lens_cpu, d.max_seq_len, self.max_model_len, **common,
             )  # fmt: skip
         if (p := attn_metadata.prefill) is not None:
-            ops.prefill_attention(
+            attention_ops.prefill_attention(
                 out[split:end], q[split:end], key_cache, value_cache, p.block_table,
                 p.query_start_loc, p.query_start_loc_cpu, p.seq_lens, p.seq_start_loc,
                 p.seq_start_loc_cpu, p.max_query_len, p.max_seq_len, **common,
@@ -202,7 +203,7 @@ class KunlunAttentionImpl(AttentionImpl[KunlunAttentionMetadata]):
             return output
         k = key.view(-1, self.num_kv_heads, self.head_size)[:end]
         v = value.view(-1, self.num_kv_heads, self.head_size)[:end]
-        ops.encoder_attention(
+        attention_ops.encoder_attention(
             out[:end], q[:end], k, v, p.query_start_loc, p.query_start_loc_cpu,
             p.max_query_len, self.scale,
         )  # fmt: skip

@@ -1,15 +1,25 @@
-"""Gemma's ops against plain formulas: GELU-and-mul (erf and tanh) and the (1 + w) RMSNorm."""
+"""The activation family's reference kernels (vllm_kunlun/ops/activation/reference.py) against
+plain formulas in float64: SiLU-and-mul and GELU-and-mul (erf and tanh)."""
 
 import math
 
 import pytest
 import torch
 
-from vllm_kunlun.ops import reference
+from tests.ops.helpers import DTYPES, assert_close_to
+from vllm_kunlun.ops.activation import reference
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NUM_TOKENS = [1, 3, 17, 33]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 SHAPES = [(1, 2), (7, 130), (3, 5, 86), (17, 2 * 1365)]  # one token, odd widths, 3-D
+
+
+def plain_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    gate, up = x[..., :half].double(), x[..., half:].double()
+    return gate / (1.0 + torch.exp(-gate)) * up
 
 
 def plain_gelu(g: torch.Tensor, approximate: str) -> torch.Tensor:
@@ -17,6 +27,38 @@ def plain_gelu(g: torch.Tensor, approximate: str) -> torch.Tensor:
     if approximate == "tanh":
         return 0.5 * g * (1 + torch.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g**3)))
     return 0.5 * g * (1 + torch.erf(g / math.sqrt(2)))
+
+
+# SiLU and mul ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", NUM_TOKENS)
+@pytest.mark.parametrize("width", [100, 576, 1])
+def test_silu_and_mul(dtype: torch.dtype, num_tokens: int, width: int) -> None:
+    x = (torch.randn(num_tokens, 2 * width) * 3).to(dtype)
+    x_before = x.clone()
+    out = reference.silu_and_mul(x)
+    assert out.shape == (num_tokens, width)
+    assert_close_to(out, plain_silu_and_mul(x), dtype)
+    assert torch.equal(x, x_before)
+
+
+def test_silu_and_mul_is_not_symmetric_in_its_halves() -> None:
+    """Guards the test above: swapping gate and up would be caught."""
+    x = torch.randn(3, 2 * 8, dtype=torch.float64)
+    swapped = torch.cat([x[:, 8:], x[:, :8]], dim=-1)
+    out = reference.silu_and_mul(x)
+    torch.testing.assert_close(out, plain_silu_and_mul(x))
+    assert not torch.allclose(out, plain_silu_and_mul(swapped))
+
+
+def test_silu_and_mul_leading_dims() -> None:
+    x = torch.randn(2, 3, 2 * 100)
+    assert_close_to(reference.silu_and_mul(x), plain_silu_and_mul(x), torch.float32)
+
+
+# GELU and mul ------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -39,18 +81,3 @@ def test_gelu_and_mul_on_a_non_contiguous_input_and_a_bad_mode():
     torch.testing.assert_close(reference.gelu_and_mul(x, "tanh").double(), expected)
     with pytest.raises(ValueError, match="'none' or 'tanh'"):
         reference.gelu_and_mul(x, "sigmoid")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("hidden", [1, 64, 130])
-def test_gemma_norm_scales_by_one_plus_the_stored_weight(hidden, dtype):
-    """The plugin's Gemma layer calls rms_norm with weight = 1 + w in float32 (layers.py)."""
-    torch.manual_seed(0)
-    x = torch.randn(5, hidden, dtype=dtype)
-    stored = torch.randn(hidden) * 0.1
-    x64 = x.double()
-    expected = x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + stored.double())
-    got = reference.rms_norm(x, stored.float() + 1.0, 1e-6)
-    assert got.dtype == dtype
-    tol = TOLERANCE[dtype]
-    torch.testing.assert_close(got.double(), expected, atol=tol, rtol=tol)

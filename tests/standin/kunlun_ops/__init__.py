@@ -6,12 +6,13 @@ keyword-only parameters where the recorded call sites pass them that way) and ch
 against the recorded contract: argument names and order, dtypes (int32 lods, block tables and
 lengths), contiguity of every tensor (C1), shapes and layouts, host copies next to device tensors
 (C3), outputs preallocated by the caller (C2). A violation raises AssertionError. The result is
-then computed with vllm_kunlun.ops.reference, reading the caches the way the kernels are inferred
-to: block id b is page b of the contiguous cache tensor that was passed, whatever else that
-memory belongs to.
+then computed with the op families' reference kernels (vllm_kunlun/ops/<family>/reference.py),
+reading the caches the way the kernels are inferred to: block id b is page b of the contiguous
+cache tensor that was passed, whatever else that memory belongs to.
 
 Where KUNLUN.md records no behaviour, the stand-in assumes vLLM's: swiglu gates the first half,
-negative slots are skipped, a sliding window of w covers w keys including the current one.
+negative slots are skipped, a sliding window of w covers w keys including the current one, the
+Gemma norms compute in float32 and round once (vLLM's GemmaRMSNorm).
 
 KUNLUN_STANDIN_FORM=active|legacy (read at import) selects which recorded signature of rmsnorm and
 add_rmsnorm this module exposes. Calls are counted in CALLS; with KUNLUN_STANDIN_CALLS=<dir> each
@@ -30,7 +31,11 @@ from pathlib import Path
 
 import torch
 
-from vllm_kunlun.ops import reference
+from vllm_kunlun.ops.activation import reference as activation
+from vllm_kunlun.ops.attention import reference as attention
+from vllm_kunlun.ops.kv_cache import reference as kv_cache
+from vllm_kunlun.ops.norm import reference as norm
+from vllm_kunlun.ops.rotary import reference as rotary
 
 __version__ = "0.1.58+standin"
 FORM = os.environ.get("KUNLUN_STANDIN_FORM", "active")
@@ -168,7 +173,7 @@ def _norm_args(x: object, weight: object, weight_dtype: torch.dtype | None) -> N
 
 
 def _rms_norm_into(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
-    out.copy_(reference.rms_norm(x, weight, eps))
+    out.copy_(norm.rms_norm(x, weight, eps))
 
 
 @_kernel
@@ -192,7 +197,7 @@ def _add_rmsnorm_active(x, residual, /, *, residual_output, weight, eps, output)
     _tensor("residual", residual)
     _expect(residual.shape == x.shape and residual.dtype == x.dtype, "residual must match x")
     total = x + residual  # read everything before writing: outputs may alias the inputs
-    normed = reference.rms_norm(total, weight, eps)
+    normed = norm.rms_norm(total, weight, eps)
     _output("residual_output", residual_output, x, tuple(x.shape)).copy_(total)
     _output("output", output, x, tuple(x.shape)).copy_(normed)
 
@@ -212,6 +217,59 @@ rmsnorm = _rmsnorm_active if FORM == "active" else _rmsnorm_legacy
 add_rmsnorm = _add_rmsnorm_active if FORM == "active" else _add_rmsnorm_legacy
 
 
+def _distinct(name: str, t: torch.Tensor, **others: torch.Tensor) -> None:
+    """`t` shares no memory with any of `others` (all contiguous, so byte ranges suffice)."""
+    start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    for other_name, other in others.items():
+        other_start = other.data_ptr()
+        other_end = other_start + other.numel() * other.element_size()
+        _expect(end <= other_start or other_end <= start,
+                f"{name} must not alias {other_name}: the recorded Gemma caller passes freshly "
+                "allocated outputs (§2a)")  # fmt: skip
+
+
+def _gemma_args(x: object, weight: object, eps: object) -> None:
+    """2-D x [rows, hidden] (the caller flattens), the raw Gemma w in the model dtype."""
+    _tensor("x", x, 2)
+    _norm_args(x, weight, None)
+    _expect(isinstance(eps, float), f"eps must be a float, got {type(eps).__name__}")
+
+
+@_kernel
+def gemma_rmsnorm(x, weight, output, eps, enable_pdl, interweave, bias, force_sdnn, /) -> None:
+    """output = x / rms(x) * (1 + w) (Gemma); all eight arguments positional, as recorded."""
+    _gemma_args(x, weight, eps)
+    _output("output", output, x, tuple(x.shape))
+    _expect(enable_pdl is False and interweave is False and force_sdnn is False,
+            "only enable_pdl=False, interweave=False, force_sdnn=False are modeled")  # fmt: skip
+    _not_modeled("bias", bias)
+    output.copy_(norm.gemma_rms_norm(x, weight, eps))
+
+
+@_kernel
+def gemma_add_rmsnorm(
+    x, y, /, *, weight, output, eps, enable_pdl=False, interweaved=False,
+    store_output_before_norm=True, bias=None, smooth=None, residual_output, force_sdnn=False,
+) -> None:  # fmt: skip
+    """output = norm(x + y) * (1 + w), residual_output = x + y, into fresh outputs (§2a)."""
+    _gemma_args(x, weight, eps)
+    _tensor("y", y, 2)
+    _expect(y.shape == x.shape and y.dtype == x.dtype, "y (the residual) must match x")
+    for name, out in (("output", output), ("residual_output", residual_output)):
+        _output(name, out, x, tuple(x.shape))
+        _distinct(name, out, x=x, y=y)
+    _distinct("output", output, residual_output=residual_output)
+    _expect(enable_pdl is False and interweaved is False and force_sdnn is False,
+            "only enable_pdl=False, interweaved=False, force_sdnn=False are modeled")  # fmt: skip
+    _expect(store_output_before_norm is True, "only store_output_before_norm=True is modeled")
+    _not_modeled("bias", bias)
+    _not_modeled("smooth", smooth)
+    normed, summed = x.clone(), y.clone()
+    norm.gemma_fused_add_rms_norm(normed, summed, weight, eps)
+    residual_output.copy_(summed)
+    output.copy_(normed)
+
+
 # Activation and rotary embedding -----------------------------------------------------------
 
 
@@ -222,7 +280,7 @@ def swiglu(*, x, y) -> None:
     _floating("x", x)
     _expect(x.shape[-1] % 2 == 0, "x's last dimension must be even")
     _output("y", y, x, (*x.shape[:-1], x.shape[-1] // 2))
-    y.copy_(reference.silu_and_mul(x))
+    y.copy_(activation.silu_and_mul(x))
 
 
 @_kernel
@@ -241,7 +299,7 @@ def rotary_embedding(*, positions, query, key, head_size, cos_sin_cache, is_neox
     _floating("cos_sin_cache", cos_sin_cache, query.dtype)  # the caller casts it (§2c)
     rotary_dim = cos_sin_cache.shape[1]
     _expect(rotary_dim % 2 == 0 and rotary_dim <= head_size, "bad rotary_dim")
-    reference.rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)
+    rotary.rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox)
 
 
 # KV cache and attention --------------------------------------------------------------------
@@ -266,7 +324,7 @@ def reshape_and_cache_flash(key, value, key_cache, value_cache, slot_mapping, /,
     capacity = min(key_cache.shape[0], value_cache.shape[0]) * block_size
     if slot_mapping.numel():
         _expect(int(slot_mapping.max()) < capacity, "slot out of the caches' range")
-    reference.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    kv_cache.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
 
 
 def _attention_args(q, k_cache, v_cache, head_num: int, kv_head_num: int, head_dim: int):
@@ -300,8 +358,8 @@ def speculative_attention(
     _not_modeled("sink", sink)
     window = _window("max_window_size", max_window_size)
     table = _used_blocks(block_tables, lens, block_size, (k_cache, v_cache))
-    reference.decode_attention(out, q[0], k_cache, v_cache, table, context_lens_xpu,
-                               int(lens.max()), scale, window, 0.0)  # fmt: skip
+    attention.decode_attention(out, q[0], k_cache, v_cache, table, context_lens_xpu, lens,
+                               int(lens.max()), max_context_len, scale, window, 0.0)  # fmt: skip
 
 
 @_kernel
@@ -341,9 +399,10 @@ def prefill_attention(
     window = _window("swa_left", swa_left)
     _expect(swa_right == (0 if window > 0 else -1), "swa_right must be 0 with a window, else -1")
     table = _used_blocks(block_table, kv_lens, k.shape[2], (k, v))
-    reference.prefill_attention(
-        out, q, k, v, table, context_qlen_lod_xpu, kv_lod.diff().to(q.device),
-        int(q_lens.max()), int(kv_lens.max()), alpha / math.sqrt(head_dim), window, 0.0,
+    attention.prefill_attention(
+        out, q, k, v, table, context_qlen_lod_xpu, q_lod, kv_lens.to(q.device),
+        context_kvlen_lod_xpu, kv_lod, int(q_lens.max()), int(kv_lens.max()),
+        alpha / math.sqrt(head_dim), window, 0.0,
     )  # fmt: skip
 
 
@@ -363,6 +422,6 @@ def _dense_bidirectional(q, k, v, out, alpha, lod_cpu, lod_xpu, swa_left, swa_ri
     batch = _tensor("context_qlen_lod_cpu", lod_cpu, 1).numel() - 1
     lod = _lod("context_qlen_lod", lod_cpu, lod_xpu, batch)
     _expect(int(lod[-1]) == num_tokens, "context_qlen_lod must end at the number of tokens")
-    reference.encoder_attention(
-        out, q, k, v, lod_xpu, int(lod.diff().max()), alpha / math.sqrt(head_dim)
+    attention.encoder_attention(
+        out, q, k, v, lod_xpu, lod, int(lod.diff().max()), alpha / math.sqrt(head_dim)
     )

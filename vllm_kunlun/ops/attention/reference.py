@@ -63,22 +63,18 @@ def attend(
     seq_lens: torch.Tensor,
     scale: float,
     softcap: float,
-    shortest: int | None = None,
 ) -> torch.Tensor:
     """q [R, H, Q, D], k/v [R, Hkv, L, D] (gathered copies), allowed [R, Q, L] or None (every
-    key visible to every query) -> [R, H, Q, D]. `shortest` is min(seq_lens) if the caller
-    already has it (reading it from a device tensor waits for the device).
+    key visible to every query) -> [R, H, Q, D].
 
     The query heads that share a KV head are stacked as extra query rows, [R, Hkv, G * Q, D], so
     each KV head is read once per group. Without soft-capping this is torch's fused attention
     (float32 scores and softmax inside, whatever the model dtype); soft-capping needs the formula.
     """
-    # Slots past a sequence's end hold stale memory: a NaN there would survive 0 * NaN.
-    if shortest is None:
-        shortest = int(seq_lens.min())
-    tail = v[:, :, shortest:]
-    past_end = torch.arange(shortest, v.shape[2], device=v.device) >= seq_lens[:, None]
-    tail.masked_fill_(past_end[:, None, :, None].expand(*tail.shape[:3], 1), 0.0)  # 2x faster
+    # Slots past a sequence's end hold stale memory: a NaN there would survive 0 * NaN. The
+    # mask is built on the device from seq_lens: reading lengths back would sync the host.
+    past_end = torch.arange(v.shape[2], device=v.device) >= seq_lens[:, None]
+    v.masked_fill_(past_end[:, None, :, None], 0.0)
 
     requests, heads, num_queries, head_size = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -91,13 +87,13 @@ def attend(
         mask = mask.reshape(requests, 1, group * num_queries, kv_len)
     if softcap <= 0:
         out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale)
-        return out.view(requests, heads, num_queries, head_size)
+        return out.reshape(requests, heads, num_queries, head_size)  # strided on some devices
     scores = torch.matmul(grouped.float(), k.transpose(-1, -2).float()) * scale
     scores = softcap * torch.tanh(scores / softcap)
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
     probs = scores.softmax(dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).view(requests, heads, num_queries, head_size)
+    return torch.matmul(probs, v).reshape(requests, heads, num_queries, head_size)
 
 
 def _token_places(
@@ -131,25 +127,24 @@ def decode_attention(
     value_cache: torch.Tensor,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
+    seq_lens_cpu: torch.Tensor,
     max_seq_len: int,
+    max_model_len: int,
     scale: float,
     sliding_window: int,
     softcap: float,
 ) -> None:
-    """One new token per request. query/out: [R, H, D]; seq_lens includes the new token."""
+    """One new token per request. query/out: [R, H, D]; seq_lens includes the new token.
+    Host copies and max_model_len size vendor kernels; the reference needs neither."""
     # Whole blocks are gathered; keys past max_seq_len are never visible, so leave them out.
     k = gather_kv(key_cache, block_table, max_seq_len)[:, :, :max_seq_len]
     v = gather_kv(value_cache, block_table, max_seq_len)[:, :, :max_seq_len]
     # The new token is the last one: causality is just "before the sequence end".
-    allowed = None  # every gathered key is visible (a batch of equal lengths, window permitting)
-    shortest = int(seq_lens.min())
-    if shortest < max_seq_len or 0 < sliding_window < max_seq_len:
-        key_positions = torch.arange(max_seq_len, device=query.device)
-        allowed = key_positions < seq_lens[:, None]
-        if sliding_window > 0:
-            allowed &= key_positions >= (seq_lens - sliding_window)[:, None]
-        allowed = allowed[:, None]  # [R, Q=1, L]
-    o = attend(query.unsqueeze(2), k, v, allowed, seq_lens, scale, softcap, shortest)
+    key_positions = torch.arange(max_seq_len, device=query.device)
+    allowed = key_positions < seq_lens[:, None]
+    if sliding_window > 0:
+        allowed &= key_positions >= (seq_lens - sliding_window)[:, None]
+    o = attend(query.unsqueeze(2), k, v, allowed[:, None], seq_lens, scale, softcap)
     out.copy_(o.squeeze(2))
 
 
@@ -160,7 +155,10 @@ def prefill_attention(
     value_cache: torch.Tensor,
     block_table: torch.Tensor,
     query_start_loc: torch.Tensor,
+    query_start_loc_cpu: torch.Tensor,
     seq_lens: torch.Tensor,
+    seq_start_loc: torch.Tensor,
+    seq_start_loc_cpu: torch.Tensor,
     max_query_len: int,
     max_seq_len: int,
     scale: float,
@@ -190,6 +188,7 @@ def encoder_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     query_start_loc: torch.Tensor,
+    query_start_loc_cpu: torch.Tensor,
     max_query_len: int,
     scale: float,
 ) -> None:

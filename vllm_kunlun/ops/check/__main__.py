@@ -1,0 +1,5 @@
+import sys
+
+from vllm_kunlun.ops.check.cli import main
+
+sys.exit(main())
