@@ -5,8 +5,10 @@ environment variables cleared first; single checks are also called directly with
 read replaced (versions, entry points, device nodes), which no subprocess could fake.
 """
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -242,3 +244,56 @@ def test_the_provider_is_chosen_without_touching_the_process_cache(monkeypatch):
     check = doctor.check_provider(emulated=True)
     assert check.verdict == doctor.OK and "reference kernels" in check.detail
     assert provider.current_provider.cache_info() == before
+
+
+# The route report of a model (--model) ------------------------------------------------------
+
+
+@pytest.mark.engine
+def test_model_route_report_shows_the_routes_and_passes(tiny_model_factory):
+    proc = run_doctor("--model", str(tiny_model_factory("llama3")),
+                      VLLM_KUNLUN_EMULATED_MEMORY_GIB="2")  # fmt: skip
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert out.index("Ready to serve") < out.index("vllm-kunlun doctor --model")  # checks first
+    assert "  ...   weights loaded (" in out  # progress while the model starts
+    assert re.search(r"^    Llama3RotaryEmbedding\s+2\s+plugin op\s+KunlunLlama3Rotary", out, re.M)
+    assert re.search(r"^    QKVParallelLinear\s+2\s+vLLM native\s+UnquantizedLinearMethod", out,
+                     re.M)  # fmt: skip
+    assert " refused " not in out
+    assert lines_of(out, "OK", "routes")
+
+
+@pytest.mark.engine
+def test_model_with_a_refused_layer_fails_naming_it_and_what_to_use(tiny_model_factory, tmp_path):
+    """Phi-3 LongRoPE: vLLM builds it as a plain nn.Module, which the plugin cannot route."""
+    model = tmp_path / "phi3-longrope"
+    shutil.copytree(tiny_model_factory("phi3"), model)
+    config = json.loads((model / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0,
+                                 "partial_rotary_factor": 0.5, "short_factor": [1.0] * 8,
+                                 "long_factor": [2.0] * 8, "factor": 2.0,
+                                 "original_max_position_embeddings": 1024}  # fmt: skip
+    (model / "config.json").write_text(json.dumps(config))
+    proc = run_doctor("--model", str(model), VLLM_KUNLUN_EMULATED_MEMORY_GIB="2")
+    out = proc.stdout
+    assert proc.returncode == 1, out + proc.stderr
+    (failed,) = lines_of(out, "FAIL", "routes")
+    assert "refused: Phi3LongRoPEScaledRotaryEmbedding" in failed
+    assert "model.layers.0.self_attn.rotary_emb" in out
+    assert "next step: use a checkpoint with default rotary, e.g. Phi-3-mini-4k" in out
+    assert re.search(r"^    RMSNorm\s+5\s+plugin op", out, re.M)  # the rest is still reported
+
+
+def test_doctor_help_names_the_model_flag():
+    assert "--model" in subprocess.run([CLI, "doctor", "--help"], capture_output=True,
+                                       text=True, timeout=60).stdout  # fmt: skip
+
+
+def test_doctor_kernels_runs_check_kernels_on_the_chosen_provider():
+    proc = run_doctor("--emulate", "--kernels", VLLM_KUNLUN_KERNELS="reference")
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert out.index("Ready to serve") < out.index("vllm-kunlun check-kernels --quick")
+    assert "provider reference" in out
+    assert re.search(r"^\d+ cases in \d+ s: \d+ pass, 0 FAIL, 0 error", out, re.M)

@@ -30,7 +30,8 @@ def assert_same_tokens(plugin: list[list[int]], reference: list[list[int]]) -> N
         assert got == want, f"prompt {i} ({PROMPTS[i]!r}) diverges:\n plugin {got}\n HF     {want}"
 
 
-GEMMA_OPS = tuple(op for op in PLUGIN_OPS if op != "silu_and_mul") + ("gelu_and_mul",)
+GEMMA_OPS = ("prefill_attention", "decode_attention", "reshape_and_cache", "gemma_rms_norm",
+             "gemma_fused_add_rms_norm", "rotary_embedding", "gelu_and_mul")  # fmt: skip
 
 
 LOGPROB_TOLERANCE = 1e-3
@@ -65,7 +66,7 @@ def check_logprobs_against_in_tree(model, prompts: list[str], plugin: list[list[
 def check_model(model, tmp_path, plugin_ops: tuple[str, ...] = PLUGIN_OPS) -> dict:
     stats_dir = tmp_path / "ops"
     result = run_generation(model, PROMPTS, MAX_TOKENS, env=emulation_env(stats_dir), logprobs=TOP)
-    assert result["platform"] == "KunlunPlatform"
+    assert result["platform"] == "EmulatedKunlunPlatform"
     assert_same_tokens(result["token_ids"], hf_greedy(model, PROMPTS, MAX_TOKENS))
     check_logprobs_against_in_tree(model, PROMPTS, result["logprobs"])
     counts = read_op_stats(stats_dir)
@@ -89,7 +90,15 @@ def test_gemma2_matches_transformers(tiny_model_factory, tmp_path):
     """Soft-capped attention and logits, alternating sliding window, GELU-tanh gating, Gemma's
     (1 + w) RMSNorm and tied embeddings, all through the plugin's ops."""
     counts = check_model(tiny_model_factory("gemma2"), tmp_path, plugin_ops=GEMMA_OPS)
-    assert counts.get("silu_and_mul", 0) == 0
+    assert counts.get("silu_and_mul", 0) == 0 and counts.get("rms_norm", 0) == 0
+
+
+@pytest.mark.parametrize("arch", ["llama3", "qwen3-yarn"])
+def test_rope_scaled_models_match_transformers(arch, tiny_model_factory, tmp_path):
+    """Llama 3.1 rope scaling and YaRN: vLLM's Llama3RotaryEmbedding and
+    YaRNScalingRotaryEmbedding caches, rotated by the plugin's rotary op (the route report
+    checks the layer type: tests/test_routes.py)."""
+    check_model(tiny_model_factory(arch), tmp_path)
 
 
 LONG_PREFIX = (

@@ -11,6 +11,11 @@ The exit status is 1 when a check fails, else 0. No engine is started: the check
 metadata, /dev/xpuN device nodes and environment variables, import torch, and ask the kernel
 seam which provider it would choose (vllm_kunlun.ops.provider.choose_provider, which does not
 touch the per-process provider cache).
+
+`--model M` adds the route report of model M (vllm_kunlun.routes): M is started on the emulated
+XPU in a child process (eager, a short context, VLLM_KUNLUN_ROUTE_REPORT set), and the doctor
+prints which layer types run plugin ops, which run vLLM's torch-native code, and which are
+refused. The exit status is then also 1 when a layer is refused or the model does not start.
 """
 
 import argparse
@@ -20,7 +25,10 @@ import importlib.util
 import logging
 import os
 import platform
+import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
@@ -468,8 +476,9 @@ def _check_kernels(value: str) -> Verdict:
 
 
 def _check_op_stats(value: str) -> Verdict:
+    """VLLM_KUNLUN_OP_STATS and VLLM_KUNLUN_ROUTE_REPORT name directories."""
     if value and Path(value).exists() and not Path(value).is_dir():
-        return WARN, "a file, not a directory", "export VLLM_KUNLUN_OP_STATS=/tmp/kunlun-op-stats"
+        return WARN, "a file, not a directory", "unset it, or name a directory"
     return OK, "", None
 
 
@@ -485,6 +494,7 @@ VALIDATORS: dict[str, Callable[[str], Verdict]] = {
     envs.VLLM_KUNLUN_EMULATED_DEVICES.name: _check_emulated_devices,
     envs.VLLM_KUNLUN_KERNELS.name: _check_kernels,
     envs.VLLM_KUNLUN_OP_STATS.name: _check_op_stats,
+    envs.VLLM_KUNLUN_ROUTE_REPORT.name: _check_op_stats,
     envs.XPU_VISIBLE_DEVICES.name: _check_visible,
 }
 
@@ -583,13 +593,146 @@ def render(checks: list[Check]) -> str:
     return "\n".join(lines)
 
 
+# Route report of a model --------------------------------------------------------------------
+
+#: Engine settings of the child that loads the model: only the start-up matters.
+ROUTE_ENGINE_ARGS = {"enforce_eager": True, "max_model_len": 256, "max_num_seqs": 1}
+ROUTE_START_TIMEOUT_S = 900
+PROGRESS_EVERY_S = 10
+#: Log lines of the child that mark progress, and what the doctor prints for them.
+MILESTONES = (
+    ("vllm-kunlun kernel provider", "worker started"),
+    ("Loading weights took", "weights loaded"),
+    ("Layer routes of the model", "layers classified"),
+)
+
+
+def load_model_for_routes(model: str) -> None:
+    """The child's job: start an engine on `model` (the worker writes the route report), stop."""
+    from vllm import LLM
+
+    llm = LLM(model=model, **ROUTE_ENGINE_ARGS)
+    llm.llm_engine.engine_core.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def _start_model(model: str, report_dir: str, log_path: Path) -> subprocess.Popen:
+    env = dict(os.environ)
+    env[envs.VLLM_KUNLUN_EMULATE.name] = "1"
+    env[envs.VLLM_KUNLUN_ROUTE_REPORT.name] = report_dir
+    code = f"from vllm_kunlun.doctor import load_model_for_routes; load_model_for_routes({model!r})"
+    with log_path.open("w") as log:
+        return subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+
+
+def _wait_with_progress(child: subprocess.Popen, log_path: Path, say: Callable[[str], None]) -> int:
+    started = time.monotonic()
+    pending = list(MILESTONES)
+    last_said = started
+    while True:
+        returncode = child.poll()
+        elapsed = time.monotonic() - started
+        text = log_path.read_text(errors="replace")
+        while pending and pending[0][0] in text:
+            say(f"  ...   {pending.pop(0)[1]} ({elapsed:.0f} s)")
+            last_said = time.monotonic()
+        if returncode is not None:
+            return returncode
+        if elapsed > ROUTE_START_TIMEOUT_S:
+            child.kill()
+            child.wait()
+            return -9
+        if time.monotonic() - last_said >= PROGRESS_EVERY_S:
+            say(f"  ...   still starting ({elapsed:.0f} s)")
+            last_said = time.monotonic()
+        time.sleep(0.5)
+
+
+def _log_tail(log_path: Path, lines: int = 15) -> str:
+    tail = log_path.read_text(errors="replace").splitlines()[-lines:]
+    return "\n".join(f"        | {line}" for line in tail)
+
+
+def model_route_report(model: str, say: Callable[[str], None] = print) -> int:
+    """Start `model` on the emulated XPU and print its route report; 1 if a layer is refused
+    or the model does not start, else 0."""
+    from vllm_kunlun import routes
+
+    engine = ", ".join(f"{k}={v}" for k, v in ROUTE_ENGINE_ARGS.items())
+    say(f"vllm-kunlun doctor --model {model}")
+    say(
+        f"  INFO  {'routes':<16} starting the model on the emulated XPU in a child process "
+        f"({engine}); this takes about 15 s"
+    )
+    with tempfile.TemporaryDirectory(prefix="vllm-kunlun-routes-") as report_dir:
+        log_path = Path(report_dir) / "engine.log"
+        child = _start_model(model, report_dir, log_path)
+        returncode = _wait_with_progress(child, log_path, say)
+        reports = routes.read_reports(report_dir)
+        if not reports:
+            say(
+                f"  FAIL  {'routes':<16} the model did not start (exit {returncode}), so its "
+                "layers were not classified. Last lines of its log:"
+            )
+            say(_log_tail(log_path))
+            return 1
+        for report in reports:
+            say(f"  routes of rank {report.rank or 0}:")
+            say("\n".join(f"    {line}" for line in routes.render(report).splitlines()))
+        refused = [row for report in reports[:1] for row in report.refused()]
+        if refused:
+            names = ", ".join(row.layer_type for row in refused)
+            say(f"  FAIL  {'routes':<16} {len(refused)} layer type(s) refused: {names}")
+            for row in refused:
+                say(f"        {row.layer_type} ({', '.join(row.modules)}): {row.detail}")
+                say(f"        {'':<5} next step: use {row.instead}")
+            return 1
+        if returncode != 0:
+            say(
+                f"  FAIL  {'routes':<16} every layer has a route, but the model did not start "
+                f"(exit {returncode}). Last lines of its log:"
+            )
+            say(_log_tail(log_path))
+            return 1
+        say(f"  OK    {'routes':<16} every layer runs a plugin op or a listed torch-native path")
+        return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vllm-kunlun doctor",
         description="Check whether this machine can serve with vllm-kunlun (add --emulate to "
         "check the emulated XPU). Exit status 1 when it cannot.",
     )
-    parser.parse_args(argv)
+    parser.add_argument(
+        "--model",
+        help="also start this model (a folder or a Hugging Face name) on the emulated XPU and "
+        "print its route report: which layers run plugin ops, vLLM's torch-native code, or are "
+        "refused (exit status 1 if any is refused)",
+    )
+    parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="also check every kernel of the provider serving would pick, on this host's "
+        "device, against the reference (`vllm-kunlun check-kernels --quick`; exit status 1 if "
+        "any fails)",
+    )
+    args = parser.parse_args(argv)
+    if args.model:
+        os.environ[envs.VLLM_KUNLUN_EMULATE.name] = "1"  # the route report is taken emulated
     checks = run_checks()
     print(render(checks), flush=True)
-    return 1 if any(c.verdict == FAIL for c in checks) else 0
+    if any(c.verdict == FAIL for c in checks):
+        return 1
+    if args.kernels:
+        from vllm_kunlun.ops.check.cli import main as check_kernels
+
+        print("\nvllm-kunlun check-kernels --quick", flush=True)
+        if check_kernels(["--quick"]) != 0:
+            return 1
+    if args.model:
+        return model_route_report(args.model, say=lambda line: print(line, flush=True))
+    return 0

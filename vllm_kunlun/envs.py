@@ -51,6 +51,12 @@ VLLM_KUNLUN_OP_STATS = EnvVar(
     "Directory; every process that ran plugin ops writes ops-<pid>.json (op name -> calls) "
     "there at exit; a worker writes ops-rank<r>-<pid>.json.",
 )
+VLLM_KUNLUN_ROUTE_REPORT = EnvVar(
+    "VLLM_KUNLUN_ROUTE_REPORT",
+    "",
+    "Directory; every worker writes the route report of its model there at start-up as "
+    "routes-rank<r>-<pid>.json (layer type -> plugin op / vLLM native / refused).",
+)
 VLLM_KUNLUN_CACHE_DIR = EnvVar(
     "VLLM_KUNLUN_CACHE_DIR",
     "",
@@ -69,6 +75,7 @@ ALL: tuple[EnvVar, ...] = (
     VLLM_KUNLUN_EMULATED_DEVICES,
     VLLM_KUNLUN_KERNELS,
     VLLM_KUNLUN_OP_STATS,
+    VLLM_KUNLUN_ROUTE_REPORT,
     VLLM_KUNLUN_CACHE_DIR,
     XPU_VISIBLE_DEVICES,
 )

@@ -41,6 +41,19 @@ ARCHITECTURES: dict[str, dict] = {
     "phi3": dict(_SMALL, model_type="phi3", num_attention_heads=4, num_key_value_heads=2,
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                   "partial_rotary_factor": 0.5}),
+    # Llama 3.1 rope scaling (vLLM's Llama3RotaryEmbedding): with an original context of 256,
+    # wavelengths above 256 are slowed 8x and those between 64 and 256 blended.
+    "llama3": dict(_SMALL, model_type="llama", num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=32,
+                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 256}),
+    # YaRN on Qwen3 (vLLM's YaRNScalingRotaryEmbedding): 512 original positions x 4,
+    # interpolated low frequencies, cos/sin scaled by YaRN's attention factor.
+    "qwen3-yarn": dict(_SMALL, model_type="qwen3", hidden_size=192, num_attention_heads=6,
+                       num_key_value_heads=2, head_dim=32,
+                       rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0,
+                                        "factor": 4.0, "original_max_position_embeddings": 512}),
 }  # fmt: skip
 
 

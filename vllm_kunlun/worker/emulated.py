@@ -20,7 +20,7 @@ from vllm.v1.worker.gpu_worker import Worker
 from vllm_kunlun import envs
 from vllm_kunlun.device import EmulatedRuntime, current_runtime
 from vllm_kunlun.log import get_logger
-from vllm_kunlun.worker import on_worker_start
+from vllm_kunlun.worker import check_routes, on_worker_start
 
 logger = get_logger("worker")
 GiB = 1 << 30
@@ -79,6 +79,7 @@ class EmulatedKunlunWorker(CPUWorker):
         super().load_model(*args, **kwargs)
         self.weights_bytes = max(0, _rss_bytes() - before)
         self.runtime.record_allocation(self.device_index, self.weights_bytes)
+        check_routes(self.model_runner.get_model(), self.rank)
 
     def determine_available_memory(self) -> int:
         explicit = self.cache_config.kv_cache_memory_bytes

@@ -1,4 +1,4 @@
-"""The worker for a real Kunlun XPU: vLLM's GPU worker, unchanged.
+"""The worker for a real Kunlun XPU: vLLM's GPU worker, plus the route report after loading.
 
 Needs a Kunlun XPU; not yet run on hardware. Under xpytorch XPUs are torch `cuda` devices, so
 vLLM's GPU worker and model runner drive them as the public Kunlun plugin does (KUNLUN.md §1.4).
@@ -6,10 +6,14 @@ vLLM's GPU worker and model runner drive them as the public Kunlun plugin does (
 
 from vllm.v1.worker.gpu_worker import Worker
 
-from vllm_kunlun.worker import on_worker_start
+from vllm_kunlun.worker import check_routes, on_worker_start
 
 
 class KunlunWorker(Worker):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         on_worker_start(rank=self.rank)
+
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        check_routes(self.model_runner.get_model(), self.rank)
