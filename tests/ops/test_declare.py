@@ -35,7 +35,7 @@ def parameters(fn) -> list[tuple[str, inspect._ParameterKind]]:
 
 
 def test_the_families_are_the_op_packages():
-    assert {"norm", "activation", "rotary", "kv_cache", "attention"} <= set(families())
+    assert {"norm", "activation", "rotary", "kv_cache", "attention", "moe"} <= set(families())
     for spec in declared_ops().values():
         assert spec.family in families()
         assert spec.call.__module__ == f"vllm_kunlun.ops.{spec.family}"
@@ -197,6 +197,20 @@ def op_samples() -> dict[str, tuple]:
             3,
             0.125,
         ),  # fmt: skip
+        "moe_softmax_topk": (torch.randn(3, 8), 2, True),
+        # 16 experts in 4 groups, the best 2 groups, DeepSeek-style bias and scaling
+        "moe_grouped_topk": (torch.randn(3, 16), 4, True, 4, 2, "sigmoid", torch.rand(16), 2.5),
+        # 3 tokens of 32, 4 experts of intermediate size 24, top 2
+        "moe_experts": (
+            torch.randn(3, 32),
+            torch.randn(4, 48, 32),
+            torch.randn(4, 32, 24),
+            torch.rand(3, 2),
+            torch.tensor([[0, 3], [1, 0], [2, 3]], dtype=torch.int32),
+            None,
+            "silu",
+            False,
+        ),  # fmt: skip
     }
 
 
@@ -212,6 +226,9 @@ OPCHECK_CASES = [
     "encoder_attention",
     "gemma_rms_norm",
     "gemma_fused_add_rms_norm",
+    "moe_softmax_topk",
+    "moe_grouped_topk",
+    "moe_experts",
 ]
 
 

@@ -425,3 +425,227 @@ def _dense_bidirectional(q, k, v, out, alpha, lod_cpu, lod_xpu, swa_left, swa_ri
     attention.encoder_attention(
         out, q, k, v, lod_xpu, lod, int(lod.diff().max()), alpha / math.sqrt(head_dim)
     )
+
+
+# Mixture of experts (§2f) --------------------------------------------------------------------
+# Computed in plain torch as the kernels are recorded or inferred to behave (see
+# vllm_kunlun/ops/moe/kunlun.py): top-k lists the highest score first, ties to the lower id.
+
+#: Rows of block_statistic (§4.10), and the expert count the routing and pre-sort kernels are
+#: reported to fail above (baidu/vLLM-Kunlun ops/_kunlun_ops.py at 00db81a).
+MOE_BLOCKS = 12
+MOE_MAX_EXPERTS = 512
+
+
+def _moe_routing_outputs(x, score, index, score_name: str, score_dtype: torch.dtype) -> None:
+    _tensor("x", x, 2)
+    _floating("x", x)
+    _tensor(score_name, score, 2)
+    _expect(score.dtype == score_dtype, f"{score_name} must be {score_dtype}, got {score.dtype}")
+    _tensor("topk_index", index, 2)
+    _int32("topk_index", index)
+    _expect(score.shape == index.shape and score.shape[0] == x.shape[0],
+            f"{score_name} and topk_index must be preallocated as [M, k]")  # fmt: skip
+    _expect(0 < index.shape[1] <= x.shape[1], "top-k must be between 1 and the expert count")
+
+
+def _moe_block_statistic(name: str, t: object, experts: int, zeros: bool) -> torch.Tensor:
+    _tensor(name, t, 2)
+    _int32(name, t)
+    _expect(tuple(t.shape) == (MOE_BLOCKS, experts),
+            f"{name} must be int32 [{MOE_BLOCKS}, E={experts}], got {tuple(t.shape)}")  # fmt: skip
+    if zeros:
+        _expect(not bool(t.any()), f"{name} must be zero-initialized")
+    return t
+
+
+def _moe_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+@_kernel
+def moe_softmax_topk_norm(x, normed_score, topk_index, block_statistic, stable, /) -> None:
+    """softmax(x fp32) top-k, then ALWAYS renormalized to sum 1 (no flag to turn it off)."""
+    _moe_routing_outputs(x, normed_score, topk_index, "normed_score", torch.float32)
+    _floating("x", x, torch.float32)  # the caller casts the router logits to fp32
+    if block_statistic is not None:
+        _moe_block_statistic("block_statistic", block_statistic, x.shape[1], zeros=True)
+    _expect(isinstance(stable, bool), "stable must be a bool")
+    probs = torch.softmax(x, dim=-1)
+    ids = _moe_top(probs, topk_index.shape[1])
+    weights = probs.gather(1, ids)
+    normed_score.copy_(weights / weights.sum(dim=-1, keepdim=True))
+    topk_index.copy_(ids)
+
+
+@_kernel
+def moe_softmax_topk(x, normed_score, topk_index, block_statistic, /) -> None:
+    """softmax(x) top-k, weights in x's dtype, NOT normalized; block_statistic empty int32."""
+    _moe_routing_outputs(x, normed_score, topk_index, "normed_score", x.dtype)
+    _tensor("block_statistic", block_statistic)
+    _int32("block_statistic", block_statistic)
+    _expect(block_statistic.numel() == 0, "block_statistic must be an empty int32 tensor")
+    probs = torch.softmax(x.float(), dim=-1)
+    ids = _moe_top(probs, topk_index.shape[1])
+    normed_score.copy_(probs.gather(1, ids))
+    topk_index.copy_(ids)
+
+
+@_kernel
+def moe_sigmoid_group_topk_norm(
+    *, x, norm_score, topk_index, block_static, bias, n_group, topk_group, scale
+) -> None:
+    """Choose on sigmoid(x) + bias among the topk_group groups with the largest top-two sums;
+    weights = the chosen sigmoid(x), normalized to sum 1, times scale."""
+    _moe_routing_outputs(x, norm_score, topk_index, "norm_score", torch.float32)
+    _floating("x", x, torch.float32)
+    experts = x.shape[1]
+    _expect(experts <= MOE_MAX_EXPERTS, f"at most {MOE_MAX_EXPERTS} experts, got {experts}")
+    _moe_block_statistic("block_static", block_static, experts, zeros=True)
+    if bias is not None:
+        _tensor("bias", bias, 1)
+        _floating("bias", bias, torch.float32)
+        _expect(bias.numel() == experts, "bias must be [E]")
+    _expect(isinstance(n_group, int) and isinstance(topk_group, int), "n_group/topk_group ints")
+    _expect(n_group > 0 and experts % n_group == 0, "E must be a multiple of n_group")
+    _expect(0 < topk_group <= n_group, "topk_group must be between 1 and n_group")
+    _expect(isinstance(scale, float), "scale must be a float")
+    scores = torch.sigmoid(x)
+    choice = scores if bias is None else scores + bias
+    size = experts // n_group
+    _expect(topk_index.shape[1] <= topk_group * size, "top-k exceeds the kept groups' experts")
+    group_scores = choice.view(-1, n_group, size).topk(min(2, size), dim=-1).values.sum(-1)
+    kept = torch.zeros_like(group_scores, dtype=torch.bool)
+    kept.scatter_(1, _moe_top(group_scores, topk_group), True)
+    masked = choice.masked_fill(~kept.repeat_interleave(size, dim=1), float("-inf"))
+    ids = _moe_top(masked, topk_index.shape[1])
+    weights = scores.gather(1, ids)
+    norm_score.copy_(weights / weights.sum(dim=-1, keepdim=True) * scale)
+    topk_index.copy_(ids)
+
+
+def _moe_ids(name: str, ids: object, experts: int) -> torch.Tensor:
+    _tensor(name, ids, 2)
+    _int32(name, ids)
+    in_range = bool(((ids >= 0) & (ids < experts)).all())
+    _expect(in_range, f"{name} must hold local expert ids in [0, {experts})")
+    return ids
+
+
+def _moe_block_histograms(topk_ids: torch.Tensor, experts: int) -> torch.Tensor:
+    """Per block of the flattened ids (12 near-equal chunks), how many go to each expert."""
+    flat = topk_ids.reshape(-1).long()
+    block = torch.arange(flat.numel(), device=flat.device) * MOE_BLOCKS // max(flat.numel(), 1)
+    histogram = torch.zeros(MOE_BLOCKS * experts, dtype=torch.int32, device=flat.device)
+    histogram.index_add_(0, block * experts + flat, torch.ones_like(flat, dtype=torch.int32))
+    return histogram.view(MOE_BLOCKS, experts)
+
+
+@_kernel
+def gen_block_statistic(topk_ids, block_statistic, /) -> None:
+    """Fills the zero-initialized int32 [12, E] block_statistic with per-block histograms."""
+    _moe_block_statistic("block_statistic", block_statistic, block_statistic.shape[-1], True)
+    _moe_ids("topk_ids", topk_ids, block_statistic.shape[1])
+    block_statistic.copy_(_moe_block_histograms(topk_ids, block_statistic.shape[1]))
+
+
+@_kernel
+def moe_pre_sorted(
+    x, topk_index, block_statistic, moe_expand, moe_index, expert_m, sorted_tokens_num_lod, /
+) -> None:
+    """Token rows sorted (stably) by expert into moe_expand [M·k, H]; moe_index[slot] = that
+    slot's row; expert_m [E] = rows per expert; sorted_tokens_num_lod [E+1] their lod."""
+    _tensor("x", x, 2)
+    _floating("x", x)
+    experts = _moe_block_statistic("block_statistic", block_statistic,
+                                   block_statistic.shape[-1], zeros=False).shape[1]  # fmt: skip
+    _expect(experts <= MOE_MAX_EXPERTS, f"at most {MOE_MAX_EXPERTS} experts, got {experts}")
+    ids = _moe_ids("topk_index", topk_index, experts)
+    _expect(ids.shape[0] == x.shape[0], "topk_index must have one row per token")
+    _expect(torch.equal(block_statistic, _moe_block_histograms(ids, experts)),
+            "block_statistic must be gen_block_statistic's result for topk_index")  # fmt: skip
+    slots = ids.numel()
+    _output("moe_expand", moe_expand, x, (slots, x.shape[1]))
+    sizes = {"moe_index": (moe_index, slots), "expert_m": (expert_m, experts),
+             "sorted_tokens_num_lod": (sorted_tokens_num_lod, experts + 1)}  # fmt: skip
+    for name, (t, size) in sizes.items():
+        _tensor(name, t, 1)
+        _int32(name, t)
+        _expect(t.numel() == size, f"{name} must be preallocated with {size} entries")
+    flat = ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    moe_expand.copy_(x[order // ids.shape[1]])
+    moe_index.copy_(torch.argsort(order).to(torch.int32))
+    counts = torch.bincount(flat, minlength=experts)
+    expert_m.copy_(counts.to(torch.int32))
+    sorted_tokens_num_lod.copy_(torch.cat([counts.new_zeros(1), counts.cumsum(0)]).int())
+
+
+def _moe_lod(lod: object, experts: int, rows: int) -> torch.Tensor:
+    _tensor("sorted_tokens_num_lod", lod, 1)
+    _int32("sorted_tokens_num_lod", lod)
+    _expect(lod.numel() == experts + 1, f"sorted_tokens_num_lod must have E+1={experts + 1}")
+    _expect(int(lod[0]) == 0 and int(lod[-1]) == rows and bool((lod.diff() >= 0).all()),
+            f"sorted_tokens_num_lod must be a lod [0, ..., {rows}]")  # fmt: skip
+    return lod
+
+
+@_kernel
+def moe_fc(
+    *, x, weight, sorted_tokens_num_lod, sorted_tokens_idx, moe_topk, y, act=None,
+    x_perchannel_max=None, w_perchannel_max=None, topk_ids=None, topk_w=None, bias=None,
+    tgemm_type=None, tweight_type=None, scale_n=0, scale_k=0, use_pack_int4=False,
+    sort_mode=True,
+) -> None:  # fmt: skip
+    """Grouped GEMM over expert-sorted rows: y row p = x row p @ weight[e].T for the expert e
+    whose lod range holds p; y is [M, k, N] (a view of the sorted rows). Unquantized only."""
+    _tensor("x", x, 2)
+    _floating("x", x)
+    _tensor("weight", weight, 3)
+    _floating("weight", weight, x.dtype)
+    experts, n, k_dim = weight.shape
+    _expect(x.shape[1] == k_dim, f"x must be [M·k, {k_dim}] for weight [E, N, {k_dim}]")
+    rows = x.shape[0]
+    lod = _moe_lod(sorted_tokens_num_lod, experts, rows)
+    _tensor("sorted_tokens_idx", sorted_tokens_idx, 1)
+    _int32("sorted_tokens_idx", sorted_tokens_idx)
+    _expect(sorted_tokens_idx.numel() == rows, "sorted_tokens_idx must have M·k entries")
+    _expect(isinstance(moe_topk, int) and moe_topk > 0 and rows % moe_topk == 0, "bad moe_topk")
+    _output("y", y, x, (rows // moe_topk, moe_topk, n))
+    _expect(act is None, "only act=None is modeled (the fused SWISH_GLU is not used)")
+    for name, value in (("x_perchannel_max", x_perchannel_max), ("topk_ids", topk_ids),
+                        ("w_perchannel_max", w_perchannel_max), ("topk_w", topk_w),
+                        ("bias", bias), ("tgemm_type", tgemm_type),
+                        ("tweight_type", tweight_type)):  # fmt: skip
+        _not_modeled(name, value)
+    _expect(scale_n == 0 and scale_k == 0 and use_pack_int4 is False and sort_mode is True,
+            "only the unquantized, sorted form is modeled")  # fmt: skip
+    bounds = lod.tolist()
+    out = y.view(rows, n)
+    for expert in range(experts):
+        start, end = bounds[expert], bounds[expert + 1]
+        if end > start:
+            out[start:end] = x[start:end] @ weight[expert].t()
+
+
+@_kernel
+def moe_post(x, moe_index, normed_scale, dequant_scale, y, /) -> None:
+    """y[t] = sum_j x[moe_index[t, j]] * normed_scale[t, j] * dequant_scale[t, j] (x is the
+    expert-sorted [M, k, H] output of moe_fc), accumulated in float32."""
+    _tensor("x", x, 3)
+    _floating("x", x)
+    tokens, top_k, hidden = x.shape
+    _tensor("moe_index", moe_index, 2)
+    _int32("moe_index", moe_index)
+    for name, t in (("normed_scale", normed_scale), ("dequant_scale", dequant_scale)):
+        _tensor(name, t, 2)
+        _floating(name, t, torch.float32)
+    _expect(moe_index.shape == normed_scale.shape == dequant_scale.shape == (tokens, top_k),
+            "moe_index, normed_scale and dequant_scale must be [M, k]")  # fmt: skip
+    rows = moe_index.reshape(-1).long()
+    _expect(torch.equal(rows.sort().values, torch.arange(rows.numel(), device=rows.device)),
+            "moe_index must be a permutation of the M·k sorted rows")  # fmt: skip
+    _output("y", y, x, (tokens, hidden))
+    picked = x.reshape(tokens * top_k, hidden)[rows].float().view(tokens, top_k, hidden)
+    scale = (normed_scale * dequant_scale).unsqueeze(-1)
+    y.copy_((picked * scale).sum(dim=1))

@@ -62,6 +62,8 @@ def _oracle(arg):
 
 
 def _outputs(spec: OpSpec, args: tuple, returned) -> list[torch.Tensor]:
+    if isinstance(returned, (tuple, list)):  # e.g. routing's (weights, ids)
+        return list(returned)
     if returned is not None:
         return [returned]
     names = list(spec.signature.parameters)

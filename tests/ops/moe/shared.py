@@ -1,0 +1,169 @@
+"""What the MoE family's tests share: plain per-token float64 formulas written independently of
+the kernels (Python loops, Python sorting), and the inputs the tests build."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+#: (atol, rtol) against max |expected|: GEMMs in the activation dtype round a few times.
+EXPERT_TOLERANCE = {
+    torch.float32: (1e-5, 1e-4),
+    torch.bfloat16: (1e-2, 2e-2),
+    torch.float16: (2e-3, 4e-3),
+}
+
+
+def assert_within(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    atol, rtol = EXPERT_TOLERANCE[dtype]
+    assert got.shape == want.shape
+    error = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
+    scale = want.double().abs().max().item() if want.numel() else 0.0
+    assert error <= atol + rtol * scale, f"max error {error:.3g}, scale {scale:.3g}"
+
+
+def distinct_logits(tokens: int, experts: int, dtype: torch.dtype) -> torch.Tensor:
+    """Per token, a random order of distinct multiples of 1/64: exact in every dtype, no ties."""
+    ranks = torch.rand(tokens, experts).argsort(dim=-1)
+    return ((ranks - experts // 2) / 64.0).to(dtype)
+
+
+def _top(scores: list[float], k: int) -> list[int]:
+    """Indices of the k largest, largest first, ties to the lower index."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+
+
+def plain_softmax_topk(logits: torch.Tensor, k: int, renormalize: bool):
+    weights, ids = [], []
+    for row in logits.double().tolist():
+        top = max(row)
+        exps = [math.exp(v - top) for v in row]
+        probs = [e / sum(exps) for e in exps]
+        chosen = _top(probs, k)
+        w = [probs[i] for i in chosen]
+        if renormalize:
+            w = [v / sum(w) for v in w]
+        weights.append(w)
+        ids.append(chosen)
+    return torch.tensor(weights, dtype=torch.float64), torch.tensor(ids, dtype=torch.int32)
+
+
+def plain_grouped_topk(logits, k, renormalize, groups, topk_group, scoring, bias, scale):
+    weights, ids = [], []
+    bias_values = None if bias is None else bias.double().tolist()
+    for row in logits.double().tolist():
+        if scoring == "softmax":
+            top = max(row)
+            exps = [math.exp(v - top) for v in row]
+            scores = [e / sum(exps) for e in exps]
+        else:
+            scores = [1.0 / (1.0 + math.exp(-v)) for v in row]
+        choice = (
+            scores
+            if bias_values is None
+            else [s + b for s, b in zip(scores, bias_values, strict=True)]
+        )
+        size = len(row) // groups
+        members = [choice[g * size : (g + 1) * size] for g in range(groups)]
+        if bias_values is None:
+            group_scores = [max(m) for m in members]
+        else:
+            group_scores = [sum(sorted(m, reverse=True)[:2]) for m in members]
+        kept = set(_top(group_scores, topk_group))
+        candidates = [c if e // size in kept else -math.inf for e, c in enumerate(choice)]
+        chosen = _top(candidates, k)
+        w = [scores[i] for i in chosen]
+        if renormalize:
+            w = [v / sum(w) for v in w]
+        weights.append([v * scale for v in w])
+        ids.append(chosen)
+    return torch.tensor(weights, dtype=torch.float64), torch.tensor(ids, dtype=torch.int32)
+
+
+def _act(g: float, activation: str) -> float:
+    if activation == "silu":
+        return g / (1.0 + math.exp(-g))
+    if activation == "gelu":
+        return 0.5 * g * (1.0 + math.erf(g / math.sqrt(2.0)))
+    inner = math.sqrt(2.0 / math.pi) * (g + 0.044715 * g**3)
+    return 0.5 * g * (1.0 + math.tanh(inner))
+
+
+def plain_moe_experts(x, w13, w2, topk_weights, topk_ids, expert_map, activation, on_input):
+    """Token by token, slot by slot, in float64 (the slot's input rounded to x's dtype first
+    when the router weight is applied on the input, as vLLM does)."""
+    tokens, hidden = x.shape
+    inter = w2.shape[2]
+    out = torch.zeros(tokens, hidden, dtype=torch.float64)
+    for t in range(tokens):
+        for j in range(topk_ids.shape[1]):
+            expert = int(topk_ids[t, j])
+            if expert_map is not None:
+                expert = int(expert_map[expert])
+                if expert < 0:
+                    continue
+            weight = float(topk_weights[t, j])
+            row = x[t]
+            if on_input:
+                row, weight = row * topk_weights[t, j].to(x.dtype), 1.0
+            row = row.double()
+            gate_up = w13[expert].double() @ row
+            hidden_act = torch.tensor(
+                [_act(float(gate_up[i]), activation) * float(gate_up[inter + i])
+                 for i in range(inter)], dtype=torch.float64,
+            )  # fmt: skip
+            out[t] += weight * (w2[expert].double() @ hidden_act)
+    return out
+
+
+@dataclass(frozen=True)
+class ExpertsShape:
+    name: str
+    tokens: int
+    experts: int  # local experts
+    top_k: int
+    hidden: int
+    inter: int
+    idle: tuple[int, ...] = ()
+    strided: bool = False
+    local_ids: tuple[int, ...] | None = None  # global ids of the local experts (expert map)
+    activation: str = "silu"
+    on_input: bool = False
+
+    def __str__(self) -> str:
+        return self.name
+
+
+SHAPES = [
+    ExpertsShape("1 token", 1, 4, 2, 64, 32),
+    ExpertsShape("tokens < experts", 3, 16, 2, 64, 48),
+    ExpertsShape("top_k = experts", 5, 4, 4, 32, 16),
+    ExpertsShape("idle experts", 9, 8, 2, 64, 32, idle=(1, 6)),
+    ExpertsShape("strided x", 6, 8, 2, 64, 32, strided=True),
+    ExpertsShape("odd sizes", 7, 6, 3, 72, 40),
+    ExpertsShape("expert map", 8, 4, 3, 64, 32, local_ids=(2, 3, 7, 8)),
+    ExpertsShape("gelu", 5, 6, 2, 48, 24, activation="gelu"),
+    ExpertsShape("gelu_tanh", 5, 6, 2, 48, 24, activation="gelu_tanh"),
+    ExpertsShape("weight on input", 6, 5, 1, 64, 32, on_input=True),
+]
+
+
+def experts_inputs(shape: ExpertsShape, dtype: torch.dtype) -> tuple:
+    """The op's arguments: x, w13, w2, weights fp32, ids int32 (global), expert_map, act, flag."""
+    global_experts = shape.experts if shape.local_ids is None else max(shape.local_ids) + 2
+    if shape.strided:
+        x = torch.randn(shape.tokens, shape.hidden + 8).to(dtype)[:, 8:]
+    else:
+        x = torch.randn(shape.tokens, shape.hidden).to(dtype)
+    w13 = (torch.randn(shape.experts, 2 * shape.inter, shape.hidden) * shape.hidden**-0.5).to(dtype)
+    w2 = (torch.randn(shape.experts, shape.hidden, shape.inter) * shape.inter**-0.5).to(dtype)
+    allowed = torch.tensor([e for e in range(global_experts) if e not in shape.idle])
+    picks = torch.rand(shape.tokens, allowed.numel()).argsort(dim=-1)[:, : shape.top_k]
+    ids = allowed[picks].to(torch.int32)
+    weights = torch.rand(shape.tokens, shape.top_k) + 0.1
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    expert_map = None
+    if shape.local_ids is not None:
+        expert_map = torch.full((global_experts,), -1, dtype=torch.int32)
+        expert_map[list(shape.local_ids)] = torch.arange(len(shape.local_ids), dtype=torch.int32)
+    return x, w13, w2, weights, ids, expert_map, shape.activation, shape.on_input

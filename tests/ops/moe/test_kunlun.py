@@ -1,0 +1,263 @@
+"""The MoE family's Kunlun binding (vllm_kunlun/ops/moe/kunlun.py) against the recorded
+kunlun_ops API (KUNLUN.md §2f), through the stand-in library (tests/standin): every call is
+checked against the recorded contract (positional or keyword form, fp32 scores, int32 indices,
+[12, E] block statistics, contiguity, preallocated outputs) and must give the reference
+kernels' results. This is all the verification the binding has until it runs on a Kunlun XPU."""
+
+import pytest
+import torch
+
+from tests.ops.helpers import DTYPES, standin_calls
+from tests.ops.moe.shared import (
+    SHAPES,
+    ExpertsShape,
+    assert_within,
+    distinct_logits,
+    experts_inputs,
+)
+from vllm_kunlun.ops.moe import kunlun as moe_kunlun
+from vllm_kunlun.ops.moe import reference
+from vllm_kunlun.ops.provider import Provider
+
+EXPERT_CALLS = {"gen_block_statistic": 1, "moe_pre_sorted": 1, "moe_fc": 2, "swiglu": 1,
+                "moe_post": 1}  # fmt: skip
+
+
+def assert_same_routing(got, want) -> None:
+    (weights, ids), (want_weights, want_ids) = got, want
+    assert weights.dtype == torch.float32 and ids.dtype == torch.int32
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_weights)
+
+
+# Loading -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["moe_softmax_topk_norm", "moe_pre_sorted", "moe_post"])
+def test_load_rejects_a_build_without_a_moe_kernel(use_standin, monkeypatch, name):
+    ops = use_standin()
+    monkeypatch.delattr(ops, name)
+    with pytest.raises(RuntimeError, match=f"kunlun_ops.{name} is missing"):
+        Provider("kunlun").prepare()
+
+
+def test_load_rejects_moe_fc_without_the_recorded_keywords(use_standin, monkeypatch):
+    ops = use_standin()
+    monkeypatch.setattr(ops, "moe_fc", lambda x, weight, lod, idx, topk, y: None)
+    with pytest.raises(RuntimeError, match="moe_fc does not accept sorted_tokens_num_lod"):
+        Provider("kunlun").prepare()
+
+
+def test_every_moe_op_is_bound(kunlun):
+    for op in ("moe_softmax_topk", "moe_grouped_topk", "moe_experts"):
+        assert kunlun.sources[op] == "moe.kunlun"
+
+
+# Softmax top-k -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("tokens", "experts", "top_k"), [(1, 8, 2), (3, 60, 4), (5, 6, 6)])
+def test_softmax_topk_renormalized_uses_the_always_normalizing_kernel(
+    kunlun, dtype, tokens, experts, top_k
+):
+    logits = distinct_logits(tokens, experts, dtype)
+    got = kunlun.moe_softmax_topk(logits, top_k, True)
+    assert_same_routing(got, reference.moe_softmax_topk(logits, top_k, True))
+    assert standin_calls() == {"moe_softmax_topk_norm": 1}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_topk_raw_uses_the_unnormalized_kernel(kunlun, dtype):
+    logits = distinct_logits(7, 12, dtype)
+    got = kunlun.moe_softmax_topk(logits, 3, False)
+    assert_same_routing(got, reference.moe_softmax_topk(logits, 3, False))
+    assert got[0].sum(-1).max() < 1  # really not normalized
+    assert standin_calls() == {"moe_softmax_topk": 1}
+
+
+def test_softmax_topk_strided_logits_are_made_dense(kunlun):
+    logits = distinct_logits(6, 20, torch.float32)[:, 4:16]
+    assert not logits.is_contiguous()
+    got = kunlun.moe_softmax_topk(logits, 3, True)
+    assert_same_routing(got, reference.moe_softmax_topk(logits, 3, True))
+
+
+def test_standin_norm_kernel_always_renormalizes_and_checks_dtypes(use_standin):
+    """The quirk the binding works around: there is no way to ask it not to normalize."""
+    ops = use_standin()
+    logits = distinct_logits(4, 16, torch.float32)
+    weights = torch.empty(4, 2)
+    ids = torch.empty(4, 2, dtype=torch.int32)
+    ops.moe_softmax_topk_norm(logits, weights, ids, None, False)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(4))
+    with pytest.raises(AssertionError, match="x must be torch.float32"):
+        ops.moe_softmax_topk_norm(logits.bfloat16(), weights, ids, None, True)
+    with pytest.raises(AssertionError, match="topk_index must be int32"):
+        ops.moe_softmax_topk_norm(logits, weights, ids.long(), None, True)
+    with pytest.raises(AssertionError, match="block_statistic must be int32 \\[12, E=16\\]"):
+        ops.moe_softmax_topk_norm(logits, weights, ids, torch.zeros(8, 16, dtype=torch.int32),
+                                  True)  # fmt: skip
+    with pytest.raises(AssertionError, match="recorded form"):
+        ops.moe_softmax_topk_norm(x=logits, normed_score=weights, topk_index=ids,
+                                  block_statistic=None, stable=True)  # fmt: skip
+    with pytest.raises(AssertionError, match="empty int32"):
+        ops.moe_softmax_topk(logits, weights, ids, torch.zeros(12, 16, dtype=torch.int32))
+
+
+# Grouped top-k -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_sigmoid_grouped_topk_with_bias_uses_the_kernel(kunlun, dtype, scale):
+    logits = distinct_logits(9, 64, dtype)
+    bias = torch.rand(64) * 0.1
+    args = (logits, 8, True, 8, 4, "sigmoid", bias, scale)
+    assert_same_routing(kunlun.moe_grouped_topk(*args), reference.moe_grouped_topk(*args))
+    assert standin_calls() == {"moe_sigmoid_group_topk_norm": 1}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (60, 6, 10, 3, "softmax", False, True),  # softmax grouped: no recorded kernel
+        (40, 5, 5, 3, "softmax", True, True),
+        (48, 6, 6, 3, "sigmoid", False, True),  # no bias: group scoring not recorded
+        (64, 8, 8, 4, "sigmoid", True, False),  # the kernel always normalizes
+        (640, 8, 8, 4, "sigmoid", True, True),  # above 512 experts
+    ],
+)
+def test_grouped_topk_the_kernel_does_not_cover_runs_the_reference(kunlun, case):
+    experts, top_k, groups, topk_group, scoring, with_bias, renormalize = case
+    logits = distinct_logits(5, experts, torch.bfloat16)
+    bias = torch.rand(experts) * 0.1 if with_bias else None
+    args = (logits, top_k, renormalize, groups, topk_group, scoring, bias, 1.0)
+    assert_same_routing(kunlun.moe_grouped_topk(*args), reference.moe_grouped_topk(*args))
+    assert standin_calls() == {}
+
+
+def test_standin_sigmoid_group_kernel_checks_its_contract(use_standin):
+    ops = use_standin()
+    logits = distinct_logits(3, 16, torch.float32)
+    good = dict(x=logits, norm_score=torch.empty(3, 2), topk_index=torch.empty(3, 2,
+                dtype=torch.int32), block_static=torch.zeros(12, 16, dtype=torch.int32),
+                bias=torch.zeros(16), n_group=4, topk_group=2, scale=1.0)  # fmt: skip
+    ops.moe_sigmoid_group_topk_norm(**good)
+    with pytest.raises(AssertionError, match="block_static must be zero-initialized"):
+        ops.moe_sigmoid_group_topk_norm(**{**good, "block_static": torch.ones(12, 16,
+                                           dtype=torch.int32)})  # fmt: skip
+    with pytest.raises(AssertionError, match="scale must be a float"):
+        ops.moe_sigmoid_group_topk_norm(**{**good, "scale": 1})
+    with pytest.raises(AssertionError, match="recorded form"):
+        ops.moe_sigmoid_group_topk_norm(*good.values())
+
+
+# Experts -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_moe_experts(kunlun, dtype, shape):
+    args = experts_inputs(shape, dtype)
+    got = kunlun.moe_experts(*args)
+    assert got.dtype == dtype and got.shape == args[0].shape and got.is_contiguous()
+    assert_within(got, reference.moe_experts(*args).double(), dtype)
+    calls = dict(EXPERT_CALLS)
+    if shape.activation != "silu":
+        del calls["swiglu"]  # gelu: PyTorch between the two moe_fc calls
+    assert standin_calls() == calls
+
+
+def test_remote_slots_go_to_expert_zero_with_weight_zero(kunlun, monkeypatch):
+    """The recorded kernels know no remote experts: ids are mapped to local ones, remote slots
+    become local expert 0 with weight 0."""
+    seen = {}
+    post = moe_kunlun.library().moe_post
+
+    def spy(x, moe_index, normed_scale, dequant_scale, y):
+        seen["weights"] = normed_scale.clone()
+        return post(x, moe_index, normed_scale, dequant_scale, y)
+
+    monkeypatch.setattr(moe_kunlun.library(), "moe_post", spy)
+    shape = ExpertsShape("map", 3, 2, 2, 32, 16, local_ids=(1, 3))
+    x, w13, w2, weights, _, expert_map, act, on_input = experts_inputs(shape, torch.float32)
+    ids = torch.tensor([[0, 1], [3, 2], [2, 0]], dtype=torch.int32)  # 0 and 2 are remote
+    got = kunlun.moe_experts(x, w13, w2, weights, ids, expert_map, act, on_input)
+    want = reference.moe_experts(x, w13, w2, weights, ids, expert_map, act, on_input)
+    torch.testing.assert_close(got, want)
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
+    expected = weights.masked_fill(torch.tensor([[True, False], [False, True], [True, True]]), 0)
+    assert torch.equal(seen["weights"], expected)
+
+
+def test_router_weight_on_input_scales_x_and_posts_unit_weights(kunlun):
+    args = experts_inputs(SHAPES[-1], torch.bfloat16)
+    assert args[7] is True
+    assert_within(kunlun.moe_experts(*args), reference.moe_experts(*args).double(),
+                  torch.bfloat16)  # fmt: skip
+
+
+def test_more_than_512_experts_run_the_reference(kunlun):
+    shape = ExpertsShape("many", 4, 520, 2, 16, 8)
+    args = experts_inputs(shape, torch.float32)
+    torch.testing.assert_close(kunlun.moe_experts(*args), reference.moe_experts(*args))
+    assert standin_calls() == {}
+
+
+def test_zero_tokens_call_no_kernel(kunlun):
+    x, w13, w2, weights, ids, *rest = experts_inputs(SHAPES[1], torch.bfloat16)
+    out = kunlun.moe_experts(x[:0], w13, w2, weights[:0], ids[:0], *rest)
+    assert out.shape == (0, x.shape[1]) and out.dtype == torch.bfloat16
+    assert standin_calls() == {}
+
+
+def test_moe_experts_refuses_what_the_reference_refuses(kunlun):
+    args = list(experts_inputs(SHAPES[0], torch.float32))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        kunlun.moe_experts(*args[:6], "relu2", False)
+    with pytest.raises(ValueError, match="needs top_k == 1"):
+        kunlun.moe_experts(*args[:6], "silu", True)
+
+
+def test_standin_expert_kernels_check_their_contract(use_standin):
+    ops = use_standin()
+    x = torch.randn(4, 16)
+    ids = torch.tensor([[0, 1], [2, 1], [1, 0], [2, 2]], dtype=torch.int32)
+    statistic = torch.zeros(12, 3, dtype=torch.int32)
+    outputs = (torch.empty(8, 16), torch.empty(8, dtype=torch.int32),
+               torch.empty(3, dtype=torch.int32), torch.empty(4, dtype=torch.int32))  # fmt: skip
+    with pytest.raises(AssertionError, match="gen_block_statistic's result"):
+        ops.moe_pre_sorted(x, ids, statistic, *outputs)  # block_statistic not filled first
+    with pytest.raises(AssertionError, match="local expert ids in \\[0, 3\\)"):
+        ops.gen_block_statistic(ids + 1, statistic)
+    ops.gen_block_statistic(ids, statistic)
+    assert statistic.sum() == ids.numel()
+    with pytest.raises(AssertionError, match="must be int32"):
+        ops.moe_pre_sorted(x, ids.long(), statistic, *outputs)
+    ops.moe_pre_sorted(x, ids, statistic, *outputs)
+    moe_expand, moe_index, expert_m, lod = outputs
+    assert expert_m.tolist() == [2, 3, 3] and lod.tolist() == [0, 2, 5, 8]
+    torch.testing.assert_close(moe_expand[moe_index.long()], x.repeat_interleave(2, dim=0))
+
+    w13 = torch.randn(3, 6, 16)
+    fc = dict(x=moe_expand, weight=w13, sorted_tokens_num_lod=lod, sorted_tokens_idx=moe_index,
+              moe_topk=2, y=torch.empty(4, 2, 6))  # fmt: skip
+    ops.moe_fc(**fc)
+    with pytest.raises(AssertionError, match="only act=None"):
+        ops.moe_fc(**fc, act="SWISH_GLU")
+    with pytest.raises(AssertionError, match="y must be preallocated as \\(4, 2, 6\\)"):
+        ops.moe_fc(**{**fc, "y": torch.empty(8, 6)})
+    with pytest.raises(AssertionError, match="weight must be torch.float32"):
+        ops.moe_fc(**{**fc, "weight": w13.bfloat16()})
+    with pytest.raises(AssertionError, match="contiguous"):
+        ops.moe_fc(**{**fc, "x": torch.randn(16, 8).t()})
+
+    scale = torch.rand(4, 2)
+    y = torch.empty(4, 6)
+    ops.moe_post(fc["y"], moe_index.view(4, 2), scale, torch.ones(4, 2), y)
+    with pytest.raises(AssertionError, match="dequant_scale must be torch.float32"):
+        ops.moe_post(fc["y"], moe_index.view(4, 2), scale, torch.ones(4, 2).half(), y)
+    with pytest.raises(AssertionError, match="recorded form"):
+        ops.moe_post(x=fc["y"], moe_index=moe_index.view(4, 2), normed_scale=scale,
+                     dequant_scale=torch.ones(4, 2), y=y)  # fmt: skip

@@ -1,0 +1,76 @@
+"""MoE family: routing tokens to experts, and the experts' gated MLPs.
+
+Weight layout is vLLM's: w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I], for the
+experts on this rank (E local experts); `expert_map` [E_global] maps a global expert id to its
+local index, -1 when the expert lives on another rank. Routing runs in float32 and returns
+(weights float32 [T, k], ids int32 [T, k]), contiguous, each row in descending order of the
+score experts are chosen by (ties: the lower expert id first).
+
+Declarations only: the kernels are in reference.py (the specification, also the emulated
+device's kernel) and kunlun.py (the Kunlun binding).
+"""
+
+import torch
+
+from vllm_kunlun.ops.declare import kernel_op
+
+
+def _routing_fake(router_logits: torch.Tensor, top_k: int, *args, **kwargs):
+    tokens = router_logits.shape[0]
+    weights = router_logits.new_empty(tokens, top_k, dtype=torch.float32)
+    return weights, router_logits.new_empty(tokens, top_k, dtype=torch.int32)
+
+
+def _experts_fake(hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return hidden_states.new_empty(hidden_states.shape)  # contiguous, whatever the input's strides
+
+
+@kernel_op(fake=_routing_fake)
+def moe_softmax_topk(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(router_logits [T, E]) in float32, the top_k experts per token and their weights,
+    renormalized to sum to 1 when asked (vLLM's softmax top-k router, fused_topk).
+    -> (weights float32 [T, k], ids int32 [T, k])."""
+
+
+@kernel_op(fake=_routing_fake)
+def moe_grouped_topk(
+    router_logits: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    num_expert_group: int,
+    topk_group: int,
+    scoring_func: str,
+    e_score_correction_bias: torch.Tensor | None,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 / GLM-4.5 routing (vLLM's grouped_topk): scores = softmax or sigmoid(logits)
+    in float32; experts are chosen by scores + bias within the topk_group best of
+    num_expert_group equal groups (a group scores as the sum of its top two when a bias is
+    given, else as its best); weights are the unbiased scores of the chosen experts,
+    renormalized when asked, times routed_scaling_factor. E must be a multiple of
+    num_expert_group (vLLM routes other shapes with the plain top-k instead). Pass the
+    router's factor: vLLM gives the router 1.0 and scales the MoE output instead when a model
+    sets apply_routed_scale_to_output (DeepSeek-V2/V3, GLM-4 MoE).
+    -> (weights float32 [T, k], ids int32 [T, k])."""
+
+
+@kernel_op(fake=_experts_fake)
+def moe_experts(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None,
+    activation: str,
+    apply_router_weight_on_input: bool,
+) -> torch.Tensor:
+    """out[t] = sum_j w_tj * (act(x_t W_gate_e^T) * (x_t W_up_e^T)) W2_e^T over the top-k experts
+    e = topk_ids[t, j] that live on this rank, as a new contiguous [T, H] tensor in x's dtype.
+    hidden_states [T, H]; topk_weights float32 [T, k]; topk_ids int32 [T, k], global ids;
+    expert_map int32 [E_global] (global -> local, -1: on another rank, the slot contributes
+    nothing) or None (ids are local). activation: "silu", "gelu" (erf) or "gelu_tanh", vLLM's
+    names. With apply_router_weight_on_input, x_t is scaled by w_tj (rounded to x's dtype)
+    before the MLP instead of the output after it; top_k must then be 1."""

@@ -1,0 +1,103 @@
+"""check-kernels cases of the MoE family: one token, fewer tokens than experts, top_k = experts,
+idle experts, strided hidden states, sizes that are not powers of two, an expert map with remote
+experts, grouped routing with and without a bias under both scorings, and large batches.
+
+Router logits are a random permutation per token of distinct multiples of 1/64 (exact in every
+dtype), so no two experts tie and the chosen ids do not depend on the dtype or on the order of
+float32 rounding.
+"""
+
+import torch
+
+from vllm_kunlun.ops.check.case import Case, int_tensor, randn, wide_view
+
+
+def distinct_logits(tokens: int, experts: int, dtype, device, g) -> torch.Tensor:
+    ranks = torch.rand(tokens, experts, generator=g).argsort(dim=-1)
+    return ((ranks - experts // 2) / 64.0).to(device=device, dtype=dtype)
+
+
+def _softmax_topk(tokens: int, experts: int, top_k: int, renormalize: bool, strided=False):
+    def make(dtype, device, g):
+        logits = distinct_logits(tokens, experts + (7 if strided else 0), dtype, device, g)
+        return (logits[:, 7:] if strided else logits), top_k, renormalize
+
+    return make
+
+
+def _grouped(tokens, experts, top_k, groups, topk_group, scoring, bias, renormalize=True,
+             scale=1.0):  # fmt: skip
+    def make(dtype, device, g):
+        logits = distinct_logits(tokens, experts, dtype, device, g)
+        correction = (torch.rand(experts, generator=g) * 0.1).to(device) if bias else None
+        return logits, top_k, renormalize, groups, topk_group, scoring, correction, scale
+
+    return make
+
+
+def _routing(tokens: int, experts: int, top_k: int, g, idle: tuple[int, ...] = ()):
+    """(weights float32 [T, k] summing to 1, distinct ids int32 [T, k]) avoiding `idle`."""
+    allowed = torch.tensor([e for e in range(experts) if e not in idle])
+    picks = torch.rand(tokens, allowed.numel(), generator=g).argsort(dim=-1)[:, :top_k]
+    weights = torch.rand(tokens, top_k, generator=g) + 0.1
+    return weights / weights.sum(dim=-1, keepdim=True), allowed[picks].to(torch.int32)
+
+
+def _experts(tokens, experts, top_k, hidden, inter, activation="silu", idle=(), strided=False,
+             expert_map=None, on_input=False):  # fmt: skip
+    """expert_map: the local experts' global ids (the others are remote), or None."""
+
+    def make(dtype, device, g):
+        global_experts = experts if expert_map is None else max(expert_map) + 2
+        local = experts if expert_map is None else len(expert_map)
+        if strided:
+            x = wide_view(tokens, hidden, dtype, device, g)
+        else:
+            x = randn((tokens, hidden), dtype, device, g)
+        w13 = randn((local, 2 * inter, hidden), dtype, device, g, hidden**-0.5)
+        w2 = randn((local, hidden, inter), dtype, device, g, inter**-0.5)
+        weights, ids = _routing(tokens, global_experts, top_k, g, idle)
+        mapping = None
+        if expert_map is not None:
+            table = [-1] * global_experts
+            for index, global_id in enumerate(expert_map):
+                table[global_id] = index
+            mapping = int_tensor(table, device)
+        return (x, w13, w2, weights.to(device), ids.to(device), mapping, activation, on_input)
+
+    return make
+
+
+CASES = {
+    "moe_softmax_topk": [
+        Case("1 token, 8 experts, top 2", _softmax_topk(1, 8, 2, True)),
+        Case("3 tokens < 60 experts, top 4, raw", _softmax_topk(3, 60, 4, False)),
+        Case("top_k = experts (6)", _softmax_topk(5, 6, 6, True)),
+        Case("7 x 12 experts, top 3 (strided)", _softmax_topk(7, 12, 3, True, strided=True)),
+        Case("4096 x 128 experts, top 8", _softmax_topk(4096, 128, 8, True), big=True),
+    ],
+    "moe_grouped_topk": [
+        Case("1 token, sigmoid + bias", _grouped(1, 64, 8, 8, 4, "sigmoid", True, scale=2.5)),
+        Case("DeepSeek-like 33 x 256/8", _grouped(33, 256, 8, 8, 4, "sigmoid", True)),
+        Case("sigmoid, no bias, raw", _grouped(9, 48, 6, 6, 3, "sigmoid", False, False)),
+        Case("softmax, no bias (V2)", _grouped(5, 60, 6, 10, 3, "softmax", False, scale=16.0)),
+        Case("softmax + bias, 3 of 5 groups", _grouped(7, 40, 5, 5, 3, "softmax", True)),
+        Case("top_k = kept experts", _grouped(4, 24, 8, 6, 2, "sigmoid", True)),
+        Case(
+            "2048 x 256/8, sigmoid + bias", _grouped(2048, 256, 8, 8, 4, "sigmoid", True), big=True
+        ),  # fmt: skip
+    ],
+    "moe_experts": [
+        Case("1 token, 4 experts, top 2", _experts(1, 4, 2, 64, 32)),
+        Case("3 tokens < 16 experts", _experts(3, 16, 2, 64, 48)),
+        Case("top_k = experts (4)", _experts(5, 4, 4, 32, 16)),
+        Case("experts 1 and 6 idle", _experts(9, 8, 2, 64, 32, idle=(1, 6))),
+        Case("strided hidden states", _experts(6, 8, 2, 64, 32, strided=True)),
+        Case("6 experts, top 3, 72 x 40", _experts(7, 6, 3, 72, 40)),
+        Case("expert map, 4 of 10 local", _experts(8, 4, 3, 64, 32, expert_map=[2, 3, 7, 8])),
+        Case("gelu (erf)", _experts(5, 6, 2, 48, 24, activation="gelu")),
+        Case("gelu_tanh", _experts(5, 6, 2, 48, 24, activation="gelu_tanh")),
+        Case("router weight on input, top 1", _experts(6, 5, 1, 64, 32, on_input=True)),
+        Case("512 tokens, 32 experts, top 4", _experts(512, 32, 4, 1024, 512), big=True),
+    ],
+}

@@ -1,0 +1,162 @@
+"""Reference MoE kernels: routing in float32, experts grouped by expert id.
+
+Routing picks experts with a stable descending sort, so every row lists its experts from the
+highest score down and ties go to the lower expert id; no host syncs.
+
+`moe_experts` sorts the (token, slot) pairs by local expert id, runs each expert that received
+tokens on its rows (gate_up GEMM, activation-and-mul, down GEMM, in the activation dtype, the
+activation itself computed in float32 and rounded once) and adds the weighted results back in
+token order in float32. Looping over the experts needs their token counts on the host: that is
+one host sync per call (one `.tolist()`; the aten-level sync counter does not see it), the only
+one in this family.
+"""
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": lambda g: F.gelu(g, approximate="none"),
+    "gelu_tanh": lambda g: F.gelu(g, approximate="tanh"),
+}
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 as given (check-kernels' oracle runs the reference in float64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _descending(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest per row, largest first, ties to the lower index: (values, indices)."""
+    values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[:, :k], indices[:, :k]
+
+
+def _result(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return weights.to(torch.float32).contiguous(), ids.to(torch.int32).contiguous()
+
+
+def check_top_k(top_k: int, choosable: int) -> None:
+    if not 0 < top_k <= choosable:
+        raise ValueError(f"top_k={top_k} must be between 1 and {choosable} choosable experts")
+
+
+def moe_softmax_topk(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """p = softmax(logits) over the experts; the top_k p per token, optionally / sum."""
+    check_top_k(top_k, router_logits.shape[-1])
+    probs = torch.softmax(_at_least_float32(router_logits), dim=-1)
+    weights, ids = _descending(probs, top_k)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return _result(weights, ids)
+
+
+def moe_grouped_topk(
+    router_logits: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+    num_expert_group: int,
+    topk_group: int,
+    scoring_func: str,
+    e_score_correction_bias: torch.Tensor | None,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose by s + b among the topk_group best of num_expert_group groups; weigh by s."""
+    tokens, experts = router_logits.shape
+    if num_expert_group <= 0 or experts % num_expert_group:
+        raise ValueError(f"{experts} experts do not split into {num_expert_group} equal groups")
+    if not 0 < topk_group <= num_expert_group:
+        raise ValueError(f"topk_group={topk_group} must be between 1 and {num_expert_group}")
+    group_size = experts // num_expert_group
+    check_top_k(top_k, topk_group * group_size)
+
+    logits = _at_least_float32(router_logits)
+    if scoring_func == "softmax":
+        scores = torch.softmax(logits, dim=-1)
+    elif scoring_func == "sigmoid":
+        scores = torch.sigmoid(logits)
+    else:
+        raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid', not {scoring_func!r}")
+
+    if e_score_correction_bias is None:
+        choice = scores
+        groups = choice.view(tokens, num_expert_group, group_size)
+        group_scores = groups.amax(dim=-1)
+    else:
+        choice = scores + e_score_correction_bias.to(scores.dtype)
+        groups = choice.view(tokens, num_expert_group, group_size)
+        group_scores = groups.topk(min(2, group_size), dim=-1).values.sum(dim=-1)
+
+    _, best_groups = _descending(group_scores, topk_group)
+    in_best_group = torch.zeros_like(group_scores, dtype=torch.bool)
+    in_best_group.scatter_(1, best_groups, True)
+    in_best_group = in_best_group.repeat_interleave(group_size, dim=1)  # [T, E]
+    _, ids = _descending(choice.masked_fill(~in_best_group, float("-inf")), top_k)
+
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return _result(weights * routed_scaling_factor, ids)
+
+
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, not {activation!r}")
+
+
+def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up for gate_up = [gate | up], in float32 (at least), rounded once."""
+    check_activation(activation)
+    gate, up = _at_least_float32(gate_up).chunk(2, dim=-1)
+    return (ACTIVATIONS[activation](gate) * up).to(gate_up.dtype)
+
+
+def moe_experts(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None,
+    activation: str,
+    apply_router_weight_on_input: bool,
+) -> torch.Tensor:
+    """out[t] = sum_j w_tj * mlp_e(x_t), e = topk_ids[t, j] mapped to this rank's experts."""
+    check_activation(activation)
+    tokens, top_k = topk_ids.shape
+    local_experts = w13.shape[0]
+    x = hidden_states
+    weights = _at_least_float32(topk_weights)
+    if apply_router_weight_on_input:
+        if top_k != 1:
+            raise ValueError(f"apply_router_weight_on_input needs top_k == 1, not {top_k}")
+        x = x * topk_weights.to(x.dtype)  # vLLM scales the input in the activation dtype
+        weights = torch.ones_like(weights)
+
+    ids = topk_ids.long()
+    if expert_map is not None:
+        ids = expert_map.long()[ids]  # -1: the expert lives on another rank
+
+    # (token, slot) pairs in expert order; the remote ones (-1) sort first and are skipped.
+    flat_ids = ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    per_expert = torch.zeros(local_experts + 1, dtype=torch.long, device=x.device)
+    per_expert.index_add_(0, flat_ids + 1, torch.ones_like(flat_ids))
+    remote, *counts = per_expert.tolist()  # the family's one host sync
+
+    accumulate = torch.promote_types(x.dtype, torch.float32)
+    out = torch.zeros(tokens, x.shape[1], dtype=accumulate, device=x.device)
+    flat_weights = weights.reshape(-1)
+    start = remote
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        pairs = order[start : start + count]
+        start += count
+        rows = pairs // top_k
+        gate_up = x[rows] @ w13[expert].t()
+        expert_out = gated_activation(gate_up, activation) @ w2[expert].t()
+        out.index_add_(0, rows, expert_out.to(accumulate) * flat_weights[pairs, None])
+    return out.to(x.dtype)
