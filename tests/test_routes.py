@@ -28,7 +28,7 @@ from vllm_kunlun import routes
 from vllm_kunlun.layers import OOT_LAYERS, register_layers
 from vllm_kunlun.layers.norm import KunlunRMSNorm
 from vllm_kunlun.layers.rotary import REFUSED_ROTARY, ROUTED_BY_CACHE
-from vllm_kunlun.model_zoo.tiny import ARCHITECTURES
+from vllm_kunlun.model_zoo.tiny import ARCHITECTURES, MOE_ARCHITECTURES
 from vllm_kunlun.ops import stats
 from vllm_kunlun.routes import NATIVE, PLUGIN_OP, REFUSED
 
@@ -166,6 +166,66 @@ def test_refused_rotary_classes_name_why_and_what_instead():
         nn.Module.__init__(layer)
         route = routes.classify(layer)
         assert route.route == REFUSED and says in route.detail and instead in route.instead
+
+
+def test_moe_experts_run_the_plugin_method_and_the_runner_is_model_code():
+    """vLLM's MoE runner, built as models build it: the runner is model code around its
+    gate and experts; the experts are the plugin's MoE method, naming the ops this layer
+    calls; a variant the method cannot run and a quantized method are refused."""
+    from tests.test_moe_layer import build_moe, plugin_layers_registered
+
+    with plugin_layers_registered():
+        plain = build_moe(6, 3, renormalize=True)
+        grouped = build_moe(
+            8,
+            3,
+            use_grouped_topk=True,
+            num_expert_group=4,
+            topk_group=2,
+            scoring_func="sigmoid",
+            e_score_correction_bias=torch.zeros(8),
+        )
+        biased = build_moe(6, 3, has_bias=True)  # GPT-OSS style expert biases
+    runner_route = routes.classify(plain)
+    assert runner_route.route == NATIVE and runner_route.descend
+    assert runner_route.detail == routes.MOE_RUNNER_REASON
+    route = routes.classify(plain.routed_experts)
+    assert route.route == PLUGIN_OP
+    assert route.detail == (
+        "KunlunUnquantizedFusedMoEMethod -> kunlun.moe_softmax_topk, kunlun.moe_experts"
+    )
+    assert (
+        "kunlun.moe_grouped_topk, kunlun.moe_experts"
+        in routes.classify(grouped.routed_experts).detail
+    )
+    route = routes.classify(biased.routed_experts)
+    assert route.route == REFUSED and "biases" in route.detail and "Qwen3-MoE" in route.instead
+
+    plain.routed_experts.quant_method = types.new_class("Fp8MoEMethod", (nn.Module,))()
+    route = routes.classify(plain.routed_experts)
+    assert route.route == REFUSED and "quantized MoE (Fp8MoEMethod)" in route.detail
+    assert "unquantized MoE checkpoint" in route.instead
+
+
+def test_an_moe_block_reports_its_gate_and_experts_once(custom_ops_on):
+    """The gate is a child of the model's MoE block and of vLLM's runner: one layer, one row."""
+    from vllm.model_executor.layers.fused_moe.router.gate_linear import GateLinear
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    from tests.test_moe_layer import build_moe, plugin_layers_registered
+
+    gate = nn.Module.__new__(GateLinear)  # the classifier reads the type and method
+    nn.Module.__init__(gate)
+    gate.quant_method = UnquantizedLinearMethod()
+    with plugin_layers_registered():
+        block = nn.ModuleDict({"gate": gate, "experts": build_moe(6, 3, gate=gate)})
+    report = routes.route_report(block)
+    rows = {row.layer_type: row for row in report.rows}
+    assert rows["GateLinear"].count == 1 and rows["GateLinear"].modules == ["gate"]
+    assert rows["GateLinear"].route == NATIVE and "GEMM" in rows["GateLinear"].detail
+    assert rows["MoERunner"].route == NATIVE
+    assert rows["RoutedExperts"].route == PLUGIN_OP
+    assert rows["RoutedExperts"].modules == ["experts.routed_experts"]
 
 
 class TinyModel(nn.Module):
@@ -441,7 +501,7 @@ ALLOWED_NATIVE = tuple(
     f"{method}: {entry.reason}" if method else entry.reason
     for entry in routes.NATIVE_LAYERS
     for method in [entry.quant_method]
-) + ("vLLM model code", "torch.nn.", "vLLM custom op")
+) + ("vLLM model code", "torch.nn.", "vLLM custom op", routes.MOE_RUNNER_REASON)
 
 #: Rotary classes each rope-scaled tiny model must route to the plugin.
 ROTARY_OF = {"llama3": "Llama3RotaryEmbedding", "qwen3-yarn": "YaRNScalingRotaryEmbedding"}
@@ -472,4 +532,9 @@ def test_every_tiny_model_runs_only_plugin_ops_and_listed_native_layers(
     assert any("RotaryEmbedding" in name for name in plugin), plugin
     if arch in ROTARY_OF:
         assert report.route_of(ROTARY_OF[arch]) == {PLUGIN_OP}
-    assert read_op_stats(tmp_path / "ops").get("rotary_embedding", 0) > 0
+    counts = read_op_stats(tmp_path / "ops")
+    assert counts.get("rotary_embedding", 0) > 0
+    if arch in MOE_ARCHITECTURES:  # the experts are the plugin's MoE method
+        assert report.route_of("RoutedExperts") == {PLUGIN_OP}
+        assert report.route_of("MoERunner") == {NATIVE}
+        assert counts.get("moe_experts", 0) > 0

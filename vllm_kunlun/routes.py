@@ -10,7 +10,12 @@ platform, into exactly one route:
   torch.nn modules, and vLLM's model code between the layers;
 - **refused**: anything else that does device work, e.g. a vLLM custom op whose chosen forward
   is its `forward_cpu` override (vLLM's CPU kernels, `torch.ops._C.*`, which do not exist on a
-  Kunlun XPU), MoE experts, quantized linear methods, other attention backends.
+  Kunlun XPU), quantized linear and MoE methods, MoE variants the plugin's MoE method cannot
+  run, other attention backends.
+
+MoE blocks: vLLM's `MoERunner` is model code around the experts (its gate, shared experts and
+routed experts are listed as layers of their own); its `RoutedExperts` are a plugin op when
+their method is the plugin's (vllm_kunlun.layers.moe), and refused otherwise.
 
 The report has one row per layer type and route (instances, a few module names, the detail).
 `enforce_routes` logs it, writes it as JSON when VLLM_KUNLUN_ROUTE_REPORT names a directory,
@@ -48,7 +53,14 @@ GEMM_REASON = (
     "not a plugin op yet"
 )
 QUANTIZED_INSTEAD = "an unquantized checkpoint in bfloat16 or float16"
-MOE_INSTEAD = "a dense (non-MoE) model; MoE is not supported by vllm-kunlun yet"
+MOE_INSTEAD = (
+    "an unquantized MoE checkpoint in bfloat16 or float16 (the plugin's MoE method runs "
+    "unquantized experts only)"
+)
+MOE_RUNNER_REASON = (
+    "vLLM's MoE runner: calls the gate, shared experts and routed experts listed here and sums "
+    "(and all-reduces) their outputs in plain torch"
+)
 KERNEL_INSTEAD = "a model without this layer (the plugin needs a route for it first)"
 
 
@@ -342,6 +354,55 @@ def _native_route(module: nn.Module) -> Route | None:
     return None
 
 
+def _routed_experts_route(module: nn.Module) -> Route:
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    from vllm_kunlun.layers.moe import KunlunUnquantizedFusedMoEMethod
+
+    cls, method = type(module), getattr(module, "quant_method", None)
+    if cls.forward_monolithic is not RoutedExperts.forward_monolithic:
+        return Route(
+            REFUSED,
+            f"{cls.__name__} overrides how vLLM runs the experts' method",
+            KERNEL_INSTEAD,
+        )
+    if isinstance(method, KunlunUnquantizedFusedMoEMethod):
+        if method.refusal is not None:
+            return Route(REFUSED, method.refusal.what, method.refusal.instead)
+        ops = ", ".join(f"kunlun.{op}" for op in method.ops_used)
+        return Route(PLUGIN_OP, f"{type(method).__name__} -> {ops}")
+    name = type(method).__name__
+    if name == "UnquantizedFusedMoEMethod":
+        detail = "vLLM's UnquantizedFusedMoEMethod, not the plugin's (plugin layers not registered)"
+    else:
+        detail = f"quantized MoE ({name}): no plugin quantized MoE kernel yet"
+    return Route(REFUSED, detail, MOE_INSTEAD)
+
+
+def _moe_route(module: nn.Module) -> Route | None:
+    """MoE: the runner is model code; its routed experts run the plugin's MoE method."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner_interface import (
+        MoERunnerInterface,
+    )
+    from vllm.model_executor.layers.linear import LinearBase
+
+    from vllm_kunlun.layers.moe import runner_refusal
+
+    if isinstance(module, MoERunnerInterface):
+        refusal = runner_refusal(module)
+        if refusal is not None:
+            return Route(REFUSED, refusal.what, refusal.instead, descend=True)
+        return Route(NATIVE, MOE_RUNNER_REASON, descend=True)
+    if isinstance(module, RoutedExperts):
+        return _routed_experts_route(module)
+    if not type(module).__module__.startswith("vllm.model_executor.layers.fused_moe"):
+        return None
+    if isinstance(module, LinearBase):  # the router's gate (GateLinear)
+        return _native_route(module)
+    return Route(REFUSED, f"MoE layer {type(module).__name__}: no plugin MoE op", KERNEL_INSTEAD)
+
+
 def _refused_by_name(module: nn.Module) -> Route | None:
     from vllm_kunlun.layers.rotary import REFUSED_ROTARY
 
@@ -349,8 +410,6 @@ def _refused_by_name(module: nn.Module) -> Route | None:
     if cls.__name__ in REFUSED_ROTARY:
         reason, instead = REFUSED_ROTARY[cls.__name__]
         return Route(REFUSED, reason, instead)
-    if cls.__module__.startswith("vllm.model_executor.layers.fused_moe"):
-        return Route(REFUSED, "MoE experts / router: no plugin MoE op yet", MOE_INSTEAD)
     return None
 
 
@@ -358,13 +417,18 @@ def classify(module: nn.Module) -> Route | None:
     """The route of one module's own work; None for pure containers (ModuleList and the like)."""
     from vllm.model_executor.custom_op import CustomOp, PluggableLayer
     from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+    from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExperts
 
     cls = type(module)
-    if isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
+    # Containers, and vLLM's wrapper that runs a MoE block's shared expert MLP.
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Sequential, SharedExperts)):
         return None
     plugin = _plugin_classes()
     if cls in plugin:
         return _plugin_layer_route(module, plugin[cls])
+    moe = _moe_route(module)
+    if moe is not None:
+        return moe
     refused = _refused_by_name(module)
     if refused is not None:
         return refused
@@ -415,19 +479,47 @@ def _layer_type(module: nn.Module) -> str:
     return _plugin_classes().get(type(module), type(module).__name__)
 
 
-def _walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module, Route]]:
+def _is_moe_runner(module: nn.Module) -> bool:
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner_interface import (
+        MoERunnerInterface,
+    )
+
+    return isinstance(module, MoERunnerInterface)
+
+
+def _outside_moe_runners(model: nn.Module) -> set[int]:
+    """Ids of the modules reachable without entering an MoE runner."""
+    found: set[int] = set()
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if id(module) not in found:
+            found.add(id(module))
+            if not _is_moe_runner(module):
+                stack.extend(module.children())
+    return found
+
+
+def _walk(
+    module: nn.Module, prefix: str, listed_outside: set[int], in_runner: bool = False
+) -> Iterator[tuple[str, nn.Module, Route]]:
+    """The modules with a route, depth first. Inside an MoE runner, the modules the model also
+    holds outside it (the MoE block's gate and shared experts) are listed there only."""
+    if in_runner and id(module) in listed_outside:
+        return
     route = classify(module)
     if route is not None:
         yield prefix, module, route
         if not route.descend:
             return  # the layer owns its submodules' work
+    in_runner = in_runner or _is_moe_runner(module)
     for name, child in module.named_children():
-        yield from _walk(child, f"{prefix}.{name}" if prefix else name)
+        yield from _walk(child, f"{prefix}.{name}" if prefix else name, listed_outside, in_runner)
 
 
 def route_report(model: nn.Module, rank: int | None = None) -> RouteReport:
     rows: dict[tuple[str, str, str], RouteRow] = {}
-    for name, module, route in _walk(model, ""):
+    for name, module, route in _walk(model, "", _outside_moe_runners(model)):
         key = (_layer_type(module), route.route, route.detail)
         row = rows.get(key)
         if row is None:

@@ -7,12 +7,15 @@ run for these layers. Each plugin class names the ops it calls in `plugin_ops`, 
 report (vllm_kunlun.routes) shows.
 
 `OOT_LAYERS` maps vLLM's class name to the plugin class; the platform enables those names as
-custom ops under torch.compile.
+custom ops under torch.compile. One entry is not a layer but the method a layer runs: vLLM's
+MoE experts (`RoutedExperts`) run their quantization method, and for unquantized weights that is
+the CustomOp `UnquantizedFusedMoEMethod`, which the plugin replaces (layers/moe.py).
 """
 
 from vllm.model_executor.custom_op import CustomOp
 
 from vllm_kunlun.layers.activation import KunlunGeluAndMul, KunlunSiluAndMul
+from vllm_kunlun.layers.moe import KunlunUnquantizedFusedMoEMethod
 from vllm_kunlun.layers.norm import KunlunGemmaRMSNorm, KunlunRMSNorm
 from vllm_kunlun.layers.rotary import ROTARY_LAYERS, KunlunRotaryEmbedding
 
@@ -22,6 +25,7 @@ OOT_LAYERS: dict[str, type[CustomOp]] = {
     "SiluAndMul": KunlunSiluAndMul,
     "GeluAndMul": KunlunGeluAndMul,
     **ROTARY_LAYERS,
+    "UnquantizedFusedMoEMethod": KunlunUnquantizedFusedMoEMethod,
 }
 
 

@@ -4,6 +4,7 @@ Weights are drawn with a larger spread than a real initialisation so the next-to
 distributions are peaked: greedy comparisons then test the arithmetic, not float ties.
 """
 
+import json
 import shutil
 from pathlib import Path
 
@@ -54,20 +55,88 @@ ARCHITECTURES: dict[str, dict] = {
                        num_key_value_heads=2, head_dim=32,
                        rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0,
                                         "factor": 4.0, "original_max_position_embeddings": 512}),
+    # MoE (hidden and expert sizes multiples of 32, as vLLM's in-tree CPU MoE kernel needs).
+    # Qwen3-MoE: softmax top-3 of 6 experts, renormalized.
+    "qwen3-moe": dict(_SMALL, model_type="qwen3_moe", num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=32, rope_theta=1000000.0,
+                      moe_intermediate_size=64, num_experts=6, num_experts_per_tok=3,
+                      norm_topk_prob=True),
+    # Qwen3-MoE without renormalization; 48 experts and top-3, so a decode step of up to
+    # 8 sequences leaves at least 24 experts without a token.
+    "qwen3-moe-unnormed": dict(_SMALL, model_type="qwen3_moe", num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=32, rope_theta=1000000.0,
+                               moe_intermediate_size=32, num_experts=48, num_experts_per_tok=3,
+                               norm_topk_prob=False),
+    # Mixtral: softmax top-2 of 4 experts, renormalized (w1/w2/w3 expert names).
+    "mixtral": dict(_SMALL, model_type="mixtral", num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=32, rope_theta=1000000.0, intermediate_size=96,
+                    num_local_experts=4, num_experts_per_tok=2),
+    # Qwen2-MoE: 5 experts top-2, not renormalized, plus a shared expert behind a sigmoid gate.
+    "qwen2-moe": dict(_SMALL, model_type="qwen2_moe", num_attention_heads=4,
+                      num_key_value_heads=2, rope_theta=1000000.0, moe_intermediate_size=64,
+                      shared_expert_intermediate_size=160, num_experts=5, num_experts_per_tok=2,
+                      norm_topk_prob=False),
+    # GLM-4.5 MoE: grouped sigmoid routing (8 experts in 4 groups, best 2 groups, top-3) with
+    # a random correction bias, routed scaling 2.5, one shared expert, first layer dense.
+    "glm4-moe": dict(_SMALL, model_type="glm4_moe", num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=32, partial_rotary_factor=0.5,
+                     rope_theta=10000.0, moe_intermediate_size=64, n_routed_experts=8,
+                     num_experts_per_tok=3, n_group=4, topk_group=2, n_shared_experts=1,
+                     routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=1,
+                     num_nextn_predict_layers=0, score_correction_bias=0.3),
+    # ERNIE-4.5 MoE: softmax top-3 of 6 experts chosen with a random correction bias,
+    # renormalized, one shared expert, first layer dense.
+    "ernie-moe": dict(_SMALL, model_type="ernie4_5_moe", num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                      rope_theta=500000.0, moe_intermediate_size=64, moe_num_experts=6, moe_k=3,
+                      moe_num_shared_experts=1, moe_layer_start_index=1,
+                      moe_layer_end_index=2, score_correction_bias=0.1),
 }  # fmt: skip
+
+#: Models the plugin refuses at start-up (tests of the refusal), made the same way.
+REFUSED_ARCHITECTURES: dict[str, dict] = {
+    # PhiMoE: Sparsemixer routing, a custom routing function that no plugin routing op runs.
+    # config.json names vLLM's class (transformers spells it PhimoeForCausalLM, which vLLM
+    # would run through its Transformers backend instead).
+    "phimoe": dict(_SMALL, model_type="phimoe", num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                   vllm_architecture="PhiMoEForCausalLM"),
+}  # fmt: skip
+
+#: The MoE entries of ARCHITECTURES.
+MOE_ARCHITECTURES = ("qwen3-moe", "qwen3-moe-unnormed", "mixtral", "qwen2-moe", "glm4-moe",
+                     "ernie-moe")  # fmt: skip
 
 
 def make_tiny_checkpoint(arch: str, target: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    settings = dict(ARCHITECTURES[arch])
+    settings = dict({**ARCHITECTURES, **REFUSED_ARCHITECTURES}[arch])
     model_type = settings.pop("model_type")
+    # Spread of the MoE routers' score correction bias (checkpoints start it at zero).
+    bias_spread = settings.pop("score_correction_bias", 0.0)
+    vllm_architecture = settings.pop("vllm_architecture", None)
     defaults = dict(vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=False,
                     initializer_range=0.08, bos_token_id=1, eos_token_id=2)  # fmt: skip
     config = AutoConfig.for_model(model_type, **(defaults | settings))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        # Weights the model's own initialisation leaves at zero (ERNIE-4.5's MoE router) are
+        # drawn like the others, so that they matter.
+        for name, parameter in model.named_parameters():
+            if name.endswith(".weight") and parameter.dim() == 2 and not parameter.any():
+                parameter.normal_(0.0, config.initializer_range)
+        if bias_spread:
+            for module in model.modules():
+                bias = getattr(module, "e_score_correction_bias", None)
+                if isinstance(bias, torch.Tensor):
+                    bias.uniform_(-bias_spread, bias_spread)
     model.save_pretrained(target, safe_serialization=True)
+    if vllm_architecture:
+        config_file = target / "config.json"
+        saved = json.loads(config_file.read_text())
+        config_file.write_text(json.dumps(saved | {"architectures": [vllm_architecture]}, indent=2))
     for name in TOKENIZER_FILES:
         source = tokenizer_dir / name
         if source.exists():
