@@ -5,6 +5,7 @@ The kernel tests import torch and vllm_kunlun.ops only, never vLLM (the kernel l
 without it; tests/ops/test_provider.py checks that in a process where vLLM cannot import).
 """
 
+import functools
 import sys
 from pathlib import Path
 
@@ -37,3 +38,11 @@ def wide_view(rows: int, cols: int, dtype: torch.dtype, extra: int = 16) -> torc
 def standin_calls() -> dict[str, int]:
     """kunlun_ops functions the stand-in library ran since it was imported, with counts."""
     return dict(sys.modules["kunlun_ops"].CALLS)
+
+
+@functools.cache
+def compiled_provider():
+    """The compiled provider, built once per test session (its C++ kernels compile once)."""
+    from vllm_kunlun.ops.provider import Provider
+
+    return Provider("compiled").prepare()

@@ -6,11 +6,10 @@ fixture pointing at the compiled provider: same inputs, same expectations. The t
 the C++ path (not the reference fallback) takes contiguous inputs.
 """
 
-import functools
-
 import pytest
 import torch
 
+from tests.ops.helpers import compiled_provider
 from tests.ops.kv_cache.test_reference import (  # noqa: F401 (collected as tests of this module)
     test_reshape_and_cache,
     test_reshape_and_cache_from_fused_qkv_views_with_int32_slots,
@@ -19,11 +18,6 @@ from tests.ops.kv_cache.test_reference import (  # noqa: F401 (collected as test
 from vllm_kunlun.ops.build import load_kernels
 from vllm_kunlun.ops.kv_cache import compiled, reference
 from vllm_kunlun.ops.provider import Provider
-
-
-@functools.cache
-def compiled_provider() -> Provider:
-    return Provider("compiled").prepare()
 
 
 @pytest.fixture

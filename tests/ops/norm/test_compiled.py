@@ -6,12 +6,10 @@ Inputs the C++ kernels do not take (strided views, float16) go through the refer
 and the tests below prove the C++ path takes the rest. The Gemma norms run the reference.
 """
 
-import functools
-
 import pytest
 import torch
 
-from tests.ops.helpers import DTYPES, assert_close_to
+from tests.ops.helpers import DTYPES, assert_close_to, compiled_provider
 from tests.ops.norm.shared import plain_rms_norm, vllm_gemma_formula
 from tests.ops.norm.test_reference import (  # noqa: F401 (collected as tests of this module)
     test_fused_add_rms_norm,
@@ -22,11 +20,6 @@ from tests.ops.norm.test_reference import (  # noqa: F401 (collected as tests of
 from vllm_kunlun.ops.build import load_kernels
 from vllm_kunlun.ops.norm import compiled, reference
 from vllm_kunlun.ops.provider import Provider
-
-
-@functools.cache
-def compiled_provider() -> Provider:
-    return Provider("compiled").prepare()
 
 
 @pytest.fixture
