@@ -50,11 +50,15 @@ def finish(llm, result: dict) -> NoReturn:
     ("terminate called without an active exception", exit -6) after the work is done.
     """
     print("RESULT " + json.dumps(result), flush=True)
-    llm.llm_engine.engine_core.shutdown()
-    if os.environ.get("VLLM_KUNLUN_OP_STATS"):  # an engine in this process counts here too
+    stats_dir = os.environ.get("VLLM_KUNLUN_OP_STATS")
+    if stats_dir:
         from vllm_kunlun.ops import stats
 
-        stats.write_stats(os.environ["VLLM_KUNLUN_OP_STATS"])
+        if os.environ.get("VLLM_KUNLUN_EMULATE"):  # workers of the plugin: Ray ones too
+            llm.collective_rpc("write_op_stats")
+    llm.llm_engine.engine_core.shutdown()
+    if stats_dir:  # an engine in this process counts here too
+        stats.write_stats(stats_dir)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

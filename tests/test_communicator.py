@@ -58,6 +58,23 @@ def _collectives_on_two_ranks(rank: int, port: int, results) -> None:
         comm.send(torch.tensor([7.0, 8.0]), dst=1)
     else:
         out["recv"] = comm.recv(torch.Size([2]), torch.float32, src=0)
+    # Variable-size collectives (expert-parallel all-to-all): rank 0 has 3 rows, rank 1 has 1.
+    sizes = [3, 1]
+    rows = torch.arange(sizes[rank] * 2, dtype=torch.float32).reshape(-1, 2) + 100 * rank
+    ids = torch.full((sizes[rank], 2), rank + 1, dtype=torch.int32)
+    out["all_gatherv"], out["all_gatherv_ids"] = comm.all_gatherv([rows, ids], dim=0, sizes=sizes)
+    out["all_gatherv_even"] = comm.all_gatherv(torch.full((2, 1), float(rank)), dim=0)
+    summed_rows = torch.arange(8, dtype=torch.float32).reshape(4, 2) * (rank + 1)
+    out["reduce_scatterv"] = comm.reduce_scatterv(summed_rows, dim=0, sizes=sizes)
+    out["reduce_scatterv_even"] = comm.reduce_scatterv(summed_rows, dim=0)
+    try:
+        comm.all_gatherv(rows, dim=0, sizes=[2, 2])
+    except ValueError as error:
+        out["bad_sizes"] = str(error)
+    try:
+        comm.combine(rows)  # a TP group has no all-to-all: an error, never the input back
+    except RuntimeError as error:
+        out["no_all2all"] = str(error)
     out["stats"] = {k: v for k, v in stats.snapshot().items() if k.startswith("comm.")}
     try:
         KunlunCommunicator(cpu_group, torch.device("cpu"), device_group, unique_name="tp:1",
@@ -97,6 +114,24 @@ def test_emulated_collectives_over_gloo_match_their_definitions():
         assert "need 'nccl'" in out["mismatch"] and "'gloo' backend" in out["mismatch"]
     torch.testing.assert_close(by_rank[0]["gather"], torch.cat([x0, x1], dim=0))
     assert by_rank[1]["gather"] is None
+
+    # all_gatherv: rank 0's 3 rows then rank 1's 1 row, on every rank, for each tensor.
+    rows0 = torch.arange(6, dtype=torch.float32).reshape(3, 2)
+    rows1 = torch.arange(2, dtype=torch.float32).reshape(1, 2) + 100
+    ids = torch.tensor([[1, 1]] * 3 + [[2, 2]], dtype=torch.int32)
+    # reduce_scatterv: the sum over ranks (x * 1 + x * 2) split 3 rows / 1 row.
+    summed = torch.arange(8, dtype=torch.float32).reshape(4, 2) * 3
+    for rank, out in by_rank.items():
+        torch.testing.assert_close(out["all_gatherv"], torch.cat([rows0, rows1]))
+        assert out["all_gatherv_ids"].tolist() == ids.tolist()
+        torch.testing.assert_close(
+            out["all_gatherv_even"], torch.tensor([[0.0], [0.0], [1.0], [1.0]])
+        )
+        torch.testing.assert_close(out["reduce_scatterv"], summed[:3] if rank == 0 else summed[3:])
+        torch.testing.assert_close(out["reduce_scatterv_even"], summed[2 * rank : 2 * rank + 2])
+        assert "sizes say 2" in out["bad_sizes"]
+        assert "has no all-to-all" in out["no_all2all"]
+        assert out["stats"]["comm.all_gatherv"] == 3 and out["stats"]["comm.reduce_scatterv"] == 2
     torch.testing.assert_close(by_rank[1]["recv"], torch.tensor([7.0, 8.0]))
 
 
@@ -192,8 +227,41 @@ def test_a_wrong_backend_or_a_failed_warm_up_stops_start_up(fake_dist, monkeypat
         _xpu_communicator()
 
 
-def test_expert_parallel_all_to_all_is_refused_clearly(fake_dist):
-    with pytest.raises(NotImplementedError, match="--enable-expert-parallel"):
+def test_the_expert_parallel_group_dispatches_with_vllms_all_gather_reduce_scatter_manager(
+    fake_dist, monkeypatch
+):
+    """Data parallel > 1 on an MoE model: the `ep` group's communicator gets vLLM's
+    allgather_reducescatter manager and hands dispatch and combine to it."""
+    from vllm.distributed.device_communicators import all2all
+
+    class RecordingManager:
+        def __init__(self, cpu_group) -> None:
+            self.calls: list[str] = []
+
+        def dispatch_router_logits(self, hidden, logits, is_sequence_parallel, extra):
+            self.calls.append("dispatch_router_logits")
+            return torch.cat([hidden, hidden]), torch.cat([logits, logits])
+
+        def combine(self, hidden, is_sequence_parallel):
+            self.calls.append("combine")
+            return hidden[: hidden.shape[0] // 2]
+
+    monkeypatch.setattr(all2all, "AgRsAll2AllManager", RecordingManager)
+    comm = KunlunCommunicator(_FakeGroup("cpu"), torch.device("cpu"), _FakeGroup("device"),
+                              unique_name="ep:0", global_ranks=[0, 1], global_world_size=2,
+                              use_all2all=True, runtime=_RecordingRuntime())  # fmt: skip
+    assert isinstance(comm.all2all_manager, RecordingManager)
+    hidden, logits = comm.dispatch_router_logits(torch.ones(3, 4), torch.ones(3, 5))
+    assert hidden.shape == (6, 4) and logits.shape == (6, 5)
+    assert comm.combine(torch.ones(6, 4)).shape == (3, 4)
+    assert comm.all2all_manager.calls == ["dispatch_router_logits", "combine"]
+
+
+def test_an_all_to_all_backend_kunlun_lacks_is_refused_naming_it(fake_dist, monkeypatch):
+    from vllm.config import ParallelConfig, VllmConfig, set_current_vllm_config
+
+    config = VllmConfig(parallel_config=ParallelConfig(all2all_backend="deepep_low_latency"))
+    with set_current_vllm_config(config), pytest.raises(ValueError, match="deepep_low_latency"):
         KunlunCommunicator(_FakeGroup("cpu"), torch.device("cpu"), _FakeGroup("device"),
                            unique_name="ep:0", global_ranks=[0, 1], global_world_size=2,
                            use_all2all=True, runtime=_RecordingRuntime())  # fmt: skip

@@ -38,7 +38,7 @@ def test_support_matrix_names_only_existing_tests():
 MATRIX_TEST_FILES = ("test_models.py", "test_feature_matrix.py", "test_tensor_parallel.py",
                      "test_serving_faults.py", "test_soak.py", "test_guard_rails.py",
                      "test_embedding.py", "test_routes.py", "test_moe_models.py",
-                     "test_moe_layer.py")  # fmt: skip
+                     "test_moe_layer.py", "test_expert_parallel.py")  # fmt: skip
 
 
 def test_support_matrix_cites_every_matrix_test():

@@ -186,10 +186,10 @@ def expert_parallel_layer(monkeypatch, rank: int, num_experts: int = 6):
                      renormalize=True)  # fmt: skip
 
 
-def test_expert_parallelism_is_refused_though_the_expert_map_reaches_the_op(monkeypatch):
-    """With EP each rank holds 3 of 6 experts and vLLM gives the method an expert map. The
-    method passes it to the experts op, and the two ranks' outputs add up to the whole layer;
-    EP is refused all the same (route report) until it runs end to end on Kunlun."""
+def test_expert_parallel_ranks_each_run_their_experts_and_add_up_to_the_layer(monkeypatch):
+    """With EP each rank holds 3 of 6 experts and vLLM gives the method an expert map; the
+    method passes it to the experts op, and the two ranks' outputs (which vLLM all-reduces)
+    add up to the whole layer on one device."""
     full = build_moe(6, 3, renormalize=True)
     x, logits = torch.randn(5, HIDDEN), torch.randn(5, 6)
     want, _ = run_method(full, x, logits)
@@ -197,16 +197,15 @@ def test_expert_parallelism_is_refused_though_the_expert_map_reaches_the_op(monk
     for rank in (0, 1):
         experts = expert_parallel_layer(monkeypatch, rank).routed_experts
         method = experts.quant_method
-        assert method.refusal is not None and "--enable-expert-parallel" in method.refusal.what
+        assert method.refusal is None
         local = experts.expert_map.tolist()
         assert local == ([0, 1, 2, -1, -1, -1] if rank == 0 else [-1, -1, -1, 0, 1, 2])
-        with pytest.raises(NotImplementedError, match="expert parallelism"):
-            method.apply_monolithic(experts, x, logits)
         for weight, source in ((experts.w13_weight, full.routed_experts.w13_weight),
                                (experts.w2_weight, full.routed_experts.w2_weight)):  # fmt: skip
             weight.data.copy_(source[3 * rank : 3 * rank + 3])
-        method.refusal = None  # what the op would compute
-        total += method.apply_monolithic(experts, x, logits)
+        part = method.apply_monolithic(experts, x, logits)
+        assert not torch.allclose(part, want, atol=1e-3)  # half the experts: not the whole layer
+        total += part
     torch.testing.assert_close(total, want, atol=1e-5, rtol=1e-5)
 
 

@@ -4,8 +4,8 @@ One engine per tiny MoE model (vllm_kunlun.model_zoo.tiny), all prompts in one g
 tests/test_models.py: greedy float32 output equals transformers token for token, top-5 logprobs
 agree with vLLM's in-tree CPU backend, and op accounting shows the plugin's routing op and
 experts op ran once per step per MoE layer (as often, per layer, as attention) and the other
-routing op never. A model whose MoE variant the plugin cannot run, and expert parallelism, are
-refused at start-up naming what is unsupported.
+routing op never. A model whose MoE variant the plugin cannot run is refused at start-up
+naming what is unsupported. Expert parallelism: tests/test_expert_parallel.py.
 """
 
 import pytest
@@ -120,24 +120,6 @@ def test_custom_routing_function_is_refused_at_start_up_naming_it(tiny_model_fac
     assert row.layer_type == "RoutedExperts" and row.count == 2
     assert row.detail == "a custom MoE routing function (phimoe_routing_function)"
     assert "Qwen3-MoE" in row.instead and "docs/support-matrix.md" in row.instead
-
-
-def test_expert_parallelism_is_refused_at_start_up(tiny_model_factory, tmp_path):
-    """--enable-expert-parallel with TP 2: each rank would hold half the experts; not verified
-    on Kunlun, so both ranks refuse the experts and name plain tensor parallelism instead."""
-    report_dir = tmp_path / "routes"
-    env = emulation_env(VLLM_KUNLUN_EMULATED_DEVICES="2",
-                        VLLM_KUNLUN_ROUTE_REPORT=str(report_dir))  # fmt: skip
-    with pytest.raises(AssertionError, match="generation failed"):
-        run_generation(tiny_model_factory("qwen3-moe"), PROMPTS[:1], 2, env=env,
-                       tensor_parallel_size=2, enable_expert_parallel=True,
-                       distributed_executor_backend="mp")  # fmt: skip
-    rows = refused_rows(report_dir)
-    assert len(rows) == 2  # one per rank
-    for row in rows:
-        assert row.layer_type == "RoutedExperts"
-        assert row.detail == "expert parallelism (--enable-expert-parallel)"
-        assert "without --enable-expert-parallel" in row.instead
 
 
 def test_moe_in_compile_mode_matches_transformers(tiny_model_factory, tmp_path):

@@ -223,15 +223,10 @@ def refusal_for(layer, moe: FusedMoEConfig) -> Refusal | None:
             "unset VLLM_MOE_ROUTING_SIMULATION_STRATEGY",
         ),
         (
-            parallel.use_ep,
-            "expert parallelism (--enable-expert-parallel)",
-            "tensor parallelism without --enable-expert-parallel (every rank then holds a "
-            "slice of every expert)",
-        ),
-        (
-            parallel.dp_size > 1 or parallel.pcp_size > 1 or parallel.is_sequence_parallel,
-            "MoE with data, context or sequence parallelism (tokens dispatched across ranks)",
-            "tensor parallelism only (--data-parallel-size 1)",
+            parallel.pcp_size > 1 or parallel.is_sequence_parallel,
+            "MoE with prefill context parallelism or sequence-parallel MoE",
+            "tensor, expert or data parallelism (--tensor-parallel-size, "
+            "--enable-expert-parallel, --data-parallel-size)",
         ),
     ]
     found = [(what, instead) for unsupported, what, instead in checks if unsupported]

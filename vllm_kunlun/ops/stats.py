@@ -56,6 +56,16 @@ def _write_at_exit() -> None:
         write_stats(directory)
 
 
+def write_now() -> str | None:
+    """Write this process's counts now, if VLLM_KUNLUN_OP_STATS is set; the path, or None.
+
+    Workers call it on `LLM.collective_rpc("write_op_stats")`: Ray kills its workers at
+    shutdown, so their exit hook never runs."""
+    directory = envs.VLLM_KUNLUN_OP_STATS.get()
+    path = write_stats(directory) if directory else None
+    return None if path is None else str(path)
+
+
 def install_exit_hook() -> None:
     """Arrange for the counts to be written at exit when VLLM_KUNLUN_OP_STATS is set."""
     global _hook_installed

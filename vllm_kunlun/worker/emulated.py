@@ -20,7 +20,13 @@ from vllm.v1.worker.gpu_worker import Worker
 from vllm_kunlun import envs
 from vllm_kunlun.device import EmulatedRuntime, current_runtime
 from vllm_kunlun.log import get_logger
-from vllm_kunlun.worker import check_routes, on_worker_start
+from vllm_kunlun.worker import (
+    OpStatsMixin,
+    check_routes,
+    data_parallel_device_offset,
+    global_rank,
+    on_worker_start,
+)
 
 logger = get_logger("worker")
 GiB = 1 << 30
@@ -44,7 +50,7 @@ def _rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-class EmulatedKunlunWorker(CPUWorker):
+class EmulatedKunlunWorker(OpStatsMixin, CPUWorker):
     def __init__(self, vllm_config, local_rank, rank, distributed_init_method,
                  is_driver_worker: bool = False) -> None:  # fmt: skip
         runtime = current_runtime()
@@ -56,18 +62,20 @@ class EmulatedKunlunWorker(CPUWorker):
                         is_driver_worker=is_driver_worker)  # fmt: skip
         self.parallel_config.disable_custom_all_reduce = True
         self.device_index = self._bind_device()
-        on_worker_start(rank=self.rank)
+        on_worker_start(rank=global_rank(self.parallel_config, self.rank))
 
     def _bind_device(self) -> int:
-        """The emulated XPU of this worker: the local_rank-th visible one."""
+        """The emulated XPU of this worker: the local_rank-th visible one, counted after the
+        XPUs of the data-parallel engines before it on this host (as vLLM's GPU worker does)."""
         visible = envs.visible_device_indices(self.runtime.physical_device_count())
-        if self.local_rank >= len(visible):
+        position = self.local_rank + data_parallel_device_offset(self.parallel_config)
+        if position >= len(visible):
             raise ValueError(
-                f"Worker {self.rank} (local rank {self.local_rank}) has no emulated XPU: "
-                f"{len(visible)} visible ({visible}). Raise VLLM_KUNLUN_EMULATED_DEVICES or "
-                "widen XPU_VISIBLE_DEVICES."
+                f"Worker {self.rank} (local rank {self.local_rank}, XPU {position} of this "
+                f"host's data-parallel engines) has no emulated XPU: {len(visible)} visible "
+                f"({visible}). Raise VLLM_KUNLUN_EMULATED_DEVICES or widen XPU_VISIBLE_DEVICES."
             )
-        index = visible[self.local_rank]
+        index = visible[position]
         self.runtime.set_device(index)
         logger.info("Worker %d runs on emulated XPU %d.", self.rank, index)
         return index
@@ -79,7 +87,7 @@ class EmulatedKunlunWorker(CPUWorker):
         super().load_model(*args, **kwargs)
         self.weights_bytes = max(0, _rss_bytes() - before)
         self.runtime.record_allocation(self.device_index, self.weights_bytes)
-        check_routes(self.model_runner.get_model(), self.rank)
+        check_routes(self.model_runner.get_model(), global_rank(self.parallel_config, self.rank))
 
     def determine_available_memory(self) -> int:
         explicit = self.cache_config.kv_cache_memory_bytes

@@ -6,14 +6,14 @@ vLLM's GPU worker and model runner drive them as the public Kunlun plugin does (
 
 from vllm.v1.worker.gpu_worker import Worker
 
-from vllm_kunlun.worker import check_routes, on_worker_start
+from vllm_kunlun.worker import OpStatsMixin, check_routes, global_rank, on_worker_start
 
 
-class KunlunWorker(Worker):
+class KunlunWorker(OpStatsMixin, Worker):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        on_worker_start(rank=self.rank)
+        on_worker_start(rank=global_rank(self.parallel_config, self.rank))
 
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
-        check_routes(self.model_runner.get_model(), self.rank)
+        check_routes(self.model_runner.get_model(), global_rank(self.parallel_config, self.rank))
