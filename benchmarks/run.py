@@ -37,11 +37,12 @@ BACKENDS: dict[str, dict[str, str | None]] = {
 @dataclass
 class OfflineWorkload:
     name: str
-    model: str  # "default" or "overhead" (a 2-layer, 64-wide random model)
+    model: str  # "default", "overhead" (a 2-layer, 64-wide random model) or "moe-bench"
     num_prompts: int
     input_len: int
     output_len: int
     mode: str  # "eager" or "compile"
+    dtype: str = "auto"
 
 
 @dataclass
@@ -60,6 +61,9 @@ def full_plan() -> tuple[list[OfflineWorkload], list[ServingWorkload]]:
             OfflineWorkload(f"long prompts 16x1024/64 {mode}", "default", 16, 1024, 64, mode),
         ]
     offline.append(OfflineWorkload("host overhead 32x8/256 eager", "overhead", 32, 8, 256, "eager"))
+    # A random 8-layer MoE whose experts dominate the time (vllm_kunlun.model_zoo.tiny).
+    offline.append(OfflineWorkload("MoE 64x128/128 bf16 eager", "moe-bench", 64, 128, 128,
+                                   "eager", dtype="bfloat16"))  # fmt: skip
     serving = [ServingWorkload(concurrency, 128, 64, max(8, 2 * concurrency))
                for concurrency in (1, 8, 32)]  # fmt: skip
     return offline, serving
@@ -91,6 +95,7 @@ def offline_command(workload: OfflineWorkload, model: Path, out: Path) -> list[s
         "--num-prompts", str(workload.num_prompts),
         "--max-model-len", str(workload.input_len + workload.output_len + 16),
         "--kv-cache-memory-bytes", KV_CACHE, "--output-json", str(out), "--seed", "0",
+        "--dtype", workload.dtype,
     ]  # fmt: skip
     if workload.mode == "eager":
         command.append("--enforce-eager")

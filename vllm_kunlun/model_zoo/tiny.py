@@ -103,6 +103,18 @@ REFUSED_ARCHITECTURES: dict[str, dict] = {
                    vllm_architecture="PhiMoEForCausalLM"),
 }  # fmt: skip
 
+#: Random models for `make bench` only: big enough that their compute, not per-step overhead,
+#: dominates. Saved in their `dtype`.
+BENCHMARK_ARCHITECTURES: dict[str, dict] = {
+    # MoE whose experts dominate: 8 layers, hidden 1024, top-4 of 32 experts of width 512
+    # (about 0.5 B parameters, 0.4 B of them experts), bfloat16.
+    "moe-bench": dict(model_type="qwen3_moe", hidden_size=1024, num_hidden_layers=8,
+                      num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+                      intermediate_size=2048, moe_intermediate_size=512, num_experts=32,
+                      num_experts_per_tok=4, norm_topk_prob=True, rope_theta=1000000.0,
+                      initializer_range=0.02, dtype=torch.bfloat16),
+}  # fmt: skip
+
 #: The MoE entries of ARCHITECTURES.
 MOE_ARCHITECTURES = ("qwen3-moe", "qwen3-moe-unnormed", "mixtral", "qwen2-moe", "glm4-moe",
                      "ernie-moe")  # fmt: skip
@@ -111,8 +123,9 @@ MOE_ARCHITECTURES = ("qwen3-moe", "qwen3-moe-unnormed", "mixtral", "qwen2-moe", 
 def make_tiny_checkpoint(arch: str, target: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    settings = dict({**ARCHITECTURES, **REFUSED_ARCHITECTURES}[arch])
+    settings = dict({**ARCHITECTURES, **REFUSED_ARCHITECTURES, **BENCHMARK_ARCHITECTURES}[arch])
     model_type = settings.pop("model_type")
+    dtype = settings.pop("dtype", torch.float32)
     # Spread of the MoE routers' score correction bias (checkpoints start it at zero).
     bias_spread = settings.pop("score_correction_bias", 0.0)
     vllm_architecture = settings.pop("vllm_architecture", None)
@@ -132,6 +145,9 @@ def make_tiny_checkpoint(arch: str, target: Path, tokenizer_dir: Path, seed: int
                 bias = getattr(module, "e_score_correction_bias", None)
                 if isinstance(bias, torch.Tensor):
                     bias.uniform_(-bias_spread, bias_spread)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+        model.config.dtype = dtype
     model.save_pretrained(target, safe_serialization=True)
     if vllm_architecture:
         config_file = target / "config.json"

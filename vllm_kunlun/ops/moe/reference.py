@@ -5,8 +5,9 @@ highest score down and ties go to the lower expert id; no host syncs.
 
 `moe_experts` sorts the (token, slot) pairs by local expert id, runs each expert that received
 tokens on its rows (gate_up GEMM, activation-and-mul, down GEMM, in the activation dtype, the
-activation itself computed in float32 and rounded once) and adds the weighted results back in
-token order in float32. Looping over the experts needs their token counts on the host: that is
+activation itself computed in float32 and rounded once), puts the weighted results back in
+(token, slot) order and sums each token's slots in float32 (a gather and a sum: `index_add_`
+on the host is an order of magnitude slower). Looping over the experts needs their token counts on the host: that is
 one host sync per call (one `.tolist()`; the aten-level sync counter does not see it), the only
 one in this family.
 """
@@ -146,17 +147,17 @@ def moe_experts(
     per_expert.index_add_(0, flat_ids + 1, torch.ones_like(flat_ids))
     remote, *counts = per_expert.tolist()  # the family's one host sync
 
-    accumulate = torch.promote_types(x.dtype, torch.float32)
-    out = torch.zeros(tokens, x.shape[1], dtype=accumulate, device=x.device)
-    flat_weights = weights.reshape(-1)
+    # Every pair's input row, grouped by expert (what Kunlun's moe_pre_sorted builds).
+    sorted_x = x[order // top_k]
+    outputs = [sorted_x.new_zeros(remote, x.shape[1])]  # remote pairs contribute zero
     start = remote
     for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        pairs = order[start : start + count]
+        if count:
+            rows = sorted_x[start : start + count]
+            outputs.append(gated_activation(rows @ w13[expert].t(), activation) @ w2[expert].t())
         start += count
-        rows = pairs // top_k
-        gate_up = x[rows] @ w13[expert].t()
-        expert_out = gated_activation(gate_up, activation) @ w2[expert].t()
-        out.index_add_(0, rows, expert_out.to(accumulate) * flat_weights[pairs, None])
+    accumulate = torch.promote_types(x.dtype, torch.float32)
+    weighted = torch.cat(outputs).to(accumulate) * weights.reshape(-1)[order, None]
+    # Back to (token, slot) order (the inverse permutation), then summed over the slots.
+    out = weighted[torch.argsort(order)].view(tokens, top_k, x.shape[1]).sum(dim=1)
     return out.to(x.dtype)
