@@ -7,10 +7,12 @@ highest score down and ties go to the lower expert id; no host syncs.
 tokens on its rows (gate_up GEMM, activation-and-mul, down GEMM, in the activation dtype, the
 activation itself computed in float32 and rounded once), puts the weighted results back in
 (token, slot) order and sums each token's slots in float32 (a gather and a sum: `index_add_`
-on the host is an order of magnitude slower). Looping over the experts needs their token counts on the host: that is
-one host sync per call (one `.tolist()`; the aten-level sync counter does not see it), the only
-one in this family.
+on the host is an order of magnitude slower). Looping over the experts needs their token
+counts on the host: that is one host sync per call (one `.tolist()`; the aten-level sync
+counter does not see it), the only one in this family.
 """
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +116,10 @@ def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     return (ACTIVATIONS[activation](gate) * up).to(gate_up.dtype)
 
 
+#: One expert's gated MLP on its rows: (local expert index, rows [n, H]) -> [n, H].
+ExpertMLP = Callable[[int, torch.Tensor], torch.Tensor]
+
+
 def moe_experts(
     hidden_states: torch.Tensor,
     w13: torch.Tensor,
@@ -126,8 +132,26 @@ def moe_experts(
 ) -> torch.Tensor:
     """out[t] = sum_j w_tj * mlp_e(x_t), e = topk_ids[t, j] mapped to this rank's experts."""
     check_activation(activation)
+
+    def expert_mlp(expert: int, rows: torch.Tensor) -> torch.Tensor:
+        return gated_activation(rows @ w13[expert].t(), activation) @ w2[expert].t()
+
+    return grouped_experts(hidden_states, w13.shape[0], expert_mlp, topk_weights, topk_ids,
+                           expert_map, apply_router_weight_on_input)  # fmt: skip
+
+
+def grouped_experts(
+    hidden_states: torch.Tensor,
+    local_experts: int,
+    expert_mlp: ExpertMLP,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None,
+    apply_router_weight_on_input: bool,
+) -> torch.Tensor:
+    """`moe_experts` around any per-expert MLP: pairs grouped by expert, each expert that got
+    tokens run once on its rows, results weighted and summed back in token order."""
     tokens, top_k = topk_ids.shape
-    local_experts = w13.shape[0]
     x = hidden_states
     weights = _at_least_float32(topk_weights)
     if apply_router_weight_on_input:
@@ -153,8 +177,7 @@ def moe_experts(
     start = remote
     for expert, count in enumerate(counts):
         if count:
-            rows = sorted_x[start : start + count]
-            outputs.append(gated_activation(rows @ w13[expert].t(), activation) @ w2[expert].t())
+            outputs.append(expert_mlp(expert, sorted_x[start : start + count]))
         start += count
     accumulate = torch.promote_types(x.dtype, torch.float32)
     weighted = torch.cat(outputs).to(accumulate) * weights.reshape(-1)[order, None]

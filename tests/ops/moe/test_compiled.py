@@ -1,0 +1,62 @@
+"""The MoE family's emulated fast path (vllm_kunlun/ops/moe/compiled.py): bfloat16 experts on
+oneDNN-packed weights, against the same plain float64 formula as the reference; other dtypes go
+to the reference. Packed weights are made once per weight version and dropped with the weight."""
+
+import gc
+
+import pytest
+import torch
+
+from tests.ops.helpers import DTYPES, compiled_provider
+from tests.ops.moe.shared import SHAPES, assert_within, experts_inputs, plain_moe_experts
+from vllm_kunlun.ops.moe import compiled, reference
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(not compiled.packing_available(), reason="torch without oneDNN bf16"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_moe_experts(dtype, shape):
+    args = experts_inputs(shape, dtype)
+    got = compiled.moe_experts(*args)
+    assert got.dtype == dtype and got.shape == args[0].shape and got.is_contiguous()
+    assert_within(got, plain_moe_experts(*args), dtype)
+
+
+def test_bfloat16_takes_the_packed_path_and_other_dtypes_the_reference(monkeypatch):
+    """The formula tests above could pass on the fallback alone."""
+    monkeypatch.setattr(reference, "moe_experts", lambda *a: 1 / 0)
+    args = experts_inputs(SHAPES[6], torch.bfloat16)
+    assert_within(compiled.moe_experts(*args), plain_moe_experts(*args), torch.bfloat16)
+    with pytest.raises(ZeroDivisionError):
+        compiled.moe_experts(*experts_inputs(SHAPES[6], torch.float32))
+
+
+def test_the_provider_runs_the_fast_path():
+    kernels = compiled_provider()
+    assert kernels.moe_experts is compiled.moe_experts
+    assert kernels.sources["moe_experts"] == "moe.compiled"
+    assert kernels.sources["moe_softmax_topk"] == "moe.reference"
+
+
+def test_weights_are_packed_once_per_version_and_dropped_with_the_weight():
+    x, w13, w2, *rest = experts_inputs(SHAPES[5], torch.bfloat16)
+    first = compiled.moe_experts(x, w13, w2, *rest)
+    packed = compiled.packed_experts(w13)
+    assert compiled.packed_experts(w13) is packed  # cached, not packed again
+    assert len(packed) == w13.shape[0]
+
+    w13.mul_(2)  # an in-place update (a weight reload) bumps the version: packed afresh
+    assert compiled.packed_experts(w13) is not packed
+    again = compiled.moe_experts(x, w13, w2, *rest)
+    assert not torch.equal(again, first)
+    assert_within(again, plain_moe_experts(x, w13, w2, *rest), torch.bfloat16)
+
+    keys = {w13.data_ptr(), w2.data_ptr()}
+    assert keys <= compiled._packed.keys()
+    del w13, w2, packed
+    gc.collect()
+    assert not keys & compiled._packed.keys()

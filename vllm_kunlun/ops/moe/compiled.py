@@ -1,0 +1,115 @@
+"""Emulated-device fast path for the MoE experts: bfloat16 expert GEMMs on weights that oneDNN
+has reordered once, instead of on every call.
+
+A decode step gives each expert a handful of tokens, and a bfloat16 GEMM that small spends much
+of its time reordering the expert's weight into oneDNN's blocked layout. Here each expert
+weight is reordered the first time the op sees it (torch's mkldnn packed linear, the one
+inductor uses for frozen CPU weights) and the packed copy is kept: a second copy of the expert
+weights in host memory. Grouping by expert, the activation and the weighted combine are the
+reference's (`reference.grouped_experts`). Other dtypes, and hosts whose torch has no oneDNN
+bfloat16, run the reference. Routing runs the reference: it is not where the time goes.
+"""
+
+import weakref
+
+import torch
+
+from vllm_kunlun.ops.moe import reference
+
+#: Token count oneDNN picks the packed layout for: a decode step's tokens per expert.
+PACKING_BATCH = 8
+
+#: weight.data_ptr() -> (the weight, its version when packed, one packed matrix per expert).
+_packed: dict[int, tuple[weakref.ref, int, list[torch.Tensor]]] = {}
+
+
+def packing_available() -> bool:
+    mkldnn = torch.ops.mkldnn
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(mkldnn, "_reorder_linear_weight")
+        and hasattr(mkldnn, "_linear_pointwise")
+        and bool(mkldnn._is_mkldnn_bf16_supported())
+    )
+
+
+def packed_experts(weight: torch.Tensor) -> list[torch.Tensor]:
+    """`weight` [E, N, K] as E oneDNN-packed [N, K] matrices, packed once per weight version.
+
+    Keyed by storage address and checked against a weak reference to the weight, so a weight
+    updated in place (its version changes) or freed (another tensor may reuse the address) is
+    packed afresh."""
+    key = weight.data_ptr()
+    cached = _packed.get(key)
+    if cached is not None:
+        owner, version, matrices = cached
+        alive = owner()
+        if alive is not None and alive.data_ptr() == key and alive._version == version:
+            return matrices
+    matrices = [
+        torch.ops.mkldnn._reorder_linear_weight(weight[e].contiguous(), PACKING_BATCH)
+        for e in range(weight.shape[0])
+    ]
+    owner = weakref.ref(weight, lambda dead: _forget(key, dead))
+    _packed[key] = (owner, weight._version, matrices)
+    return matrices
+
+
+def _forget(key: int, owner: weakref.ref) -> None:
+    """Drop the packed copy of a weight that no longer exists (not a newer one at its address)."""
+    entry = _packed.get(key)
+    if entry is not None and entry[0] is owner:
+        del _packed[key]
+
+
+def linear(rows: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """rows @ W.t() with W packed by `packed_experts`."""
+    return torch.ops.mkldnn._linear_pointwise(rows.contiguous(), packed, None, "none", [], "")
+
+
+def takes(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether the packed path runs these experts: bfloat16 on the host, oneDNN available."""
+    tensors = (hidden_states, w13, w2)
+    return (
+        all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+        and packing_available()
+    )
+
+
+def moe_experts(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None,
+    activation: str,
+    apply_router_weight_on_input: bool,
+) -> torch.Tensor:
+    if not takes(hidden_states, w13, w2):
+        return reference.moe_experts(
+            hidden_states,
+            w13,
+            w2,
+            topk_weights,
+            topk_ids,
+            expert_map,
+            activation,
+            apply_router_weight_on_input,
+        )
+    reference.check_activation(activation)
+    gate_up_weights, down_weights = packed_experts(w13), packed_experts(w2)
+
+    def expert_mlp(expert: int, rows: torch.Tensor) -> torch.Tensor:
+        gate_up = linear(rows, gate_up_weights[expert])
+        return linear(reference.gated_activation(gate_up, activation), down_weights[expert])
+
+    return reference.grouped_experts(
+        hidden_states,
+        w13.shape[0],
+        expert_mlp,
+        topk_weights,
+        topk_ids,
+        expert_map,
+        apply_router_weight_on_input,
+    )
