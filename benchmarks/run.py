@@ -37,7 +37,7 @@ BACKENDS: dict[str, dict[str, str | None]] = {
 @dataclass
 class OfflineWorkload:
     name: str
-    model: str  # "default", "overhead" (a 2-layer, 64-wide random model) or "moe-bench"
+    model: str  # "default", or a random model of vllm_kunlun.model_zoo.tiny ("overhead", ...)
     num_prompts: int
     input_len: int
     output_len: int
@@ -71,7 +71,12 @@ def full_plan() -> tuple[list[OfflineWorkload], list[ServingWorkload]]:
 
 def quick_plan() -> tuple[list[OfflineWorkload], list[ServingWorkload]]:
     return (
-        [OfflineWorkload("host overhead 4x8/16 eager", "overhead", 4, 8, 16, "eager")],
+        [
+            OfflineWorkload("host overhead 4x8/16 eager", "overhead", 4, 8, 16, "eager"),
+            OfflineWorkload(
+                "MoE 4x8/16 bf16 eager", "qwen3-moe", 4, 8, 16, "eager", dtype="bfloat16"
+            ),
+        ],
         [ServingWorkload(2, 16, 8, 4)],
     )
 

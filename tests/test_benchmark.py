@@ -26,6 +26,7 @@ def test_quick_benchmark_compares_both_backends(tmp_path):
     workloads = {w for w, _ in backends}
     assert backends == {(w, b) for w in workloads for b in ("plugin", "in-tree")}
     assert any(m["metrics"].get("ms per decode step", 0) > 0 for m in data["measurements"])
+    assert any(w.startswith("MoE") for w in workloads)  # the MoE row, on a tiny MoE model
     assert "ratio" in proc.stdout
 
 
