@@ -140,7 +140,8 @@ class KunlunCommunicator(DeviceCommunicatorBase):
         return [self._all_gatherv(tensor, sizes) for tensor in input_]
 
     def _all_gatherv(self, tensor: torch.Tensor, sizes: list[int] | None) -> torch.Tensor:
-        sizes = self._checked_sizes(sizes, tensor.shape[0], own_rows=tensor.shape[0])
+        rows = tensor.shape[0]
+        sizes = self._checked_sizes(sizes or [rows] * self.world_size, own_rows=rows)
         longest = max(sizes)
         padded = pad_rows(tensor.contiguous(), longest)
         gathered = torch.empty(
@@ -165,7 +166,7 @@ class KunlunCommunicator(DeviceCommunicatorBase):
                     "needs the per-rank sizes"
                 )
             sizes = [input_.shape[0] // self.world_size] * self.world_size
-        sizes = self._checked_sizes(sizes, sizes[self.rank_in_group], own_rows=None)
+        sizes = self._checked_sizes(sizes)
         if sum(sizes) != input_.shape[0]:
             raise ValueError(f"reduce_scatterv sizes {sizes} do not add up to {input_.shape[0]}")
         longest = max(sizes)
@@ -175,8 +176,9 @@ class KunlunCommunicator(DeviceCommunicatorBase):
         dist.reduce_scatter_tensor(output, padded, group=self.device_group)
         return output[: sizes[self.rank_in_group]]
 
-    def _checked_sizes(self, sizes: list[int] | None, rows: int, own_rows: int | None) -> list[int]:
-        sizes = list(sizes) if sizes is not None else [rows] * self.world_size
+    def _checked_sizes(self, sizes: list[int], own_rows: int | None = None) -> list[int]:
+        """`sizes` (rows per rank), checked against the group and this rank's rows."""
+        sizes = list(sizes)
         if len(sizes) != self.world_size:
             raise ValueError(f"{len(sizes)} sizes for a group of {self.world_size} ranks")
         if own_rows is not None and sizes[self.rank_in_group] != own_rows:

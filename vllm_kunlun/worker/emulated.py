@@ -68,12 +68,14 @@ class EmulatedKunlunWorker(OpStatsMixin, CPUWorker):
         """The emulated XPU of this worker: the local_rank-th visible one, counted after the
         XPUs of the data-parallel engines before it on this host (as vLLM's GPU worker does)."""
         visible = envs.visible_device_indices(self.runtime.physical_device_count())
-        position = self.local_rank + data_parallel_device_offset(self.parallel_config)
+        offset = data_parallel_device_offset(self.parallel_config)
+        position = self.local_rank + offset
         if position >= len(visible):
+            after = f", after the {offset} XPUs of earlier data-parallel engines" if offset else ""
             raise ValueError(
-                f"Worker {self.rank} (local rank {self.local_rank}, XPU {position} of this "
-                f"host's data-parallel engines) has no emulated XPU: {len(visible)} visible "
-                f"({visible}). Raise VLLM_KUNLUN_EMULATED_DEVICES or widen XPU_VISIBLE_DEVICES."
+                f"Worker {self.rank} (local rank {self.local_rank}{after}) has no emulated XPU: "
+                f"{len(visible)} visible ({visible}). Raise VLLM_KUNLUN_EMULATED_DEVICES or "
+                "widen XPU_VISIBLE_DEVICES."
             )
         index = visible[position]
         self.runtime.set_device(index)
