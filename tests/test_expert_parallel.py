@@ -2,28 +2,35 @@
 
 - Tensor parallel 2 with --enable-expert-parallel: each rank holds half the experts (vLLM's
   expert map) and the ranks' partial outputs are all-reduced; no all-to-all.
-- Data parallel 2 with --enable-expert-parallel (vLLM's offline SPMD launch: one engine per
-  data-parallel rank, each with its own prompts): every MoE layer gathers both ranks' tokens
-  through the `ep` group's all-to-all (vLLM's allgather_reducescatter manager over the Kunlun
-  communicator's all_gatherv), runs this rank's experts on them, and hands each rank back its
-  tokens' sums with reduce_scatterv. The ranks get different numbers of prompts, so the
-  variable-size collectives see different row counts.
+- Data parallel 2 with --enable-expert-parallel, launched offline the SPMD way (one engine
+  per data-parallel rank, each with its own prompts) and by `vllm-kunlun serve
+  --data-parallel-size 2` (two engines behind one server): every MoE layer gathers both
+  ranks' tokens through the `ep` group's all-to-all (vLLM's allgather_reducescatter manager
+  over the Kunlun communicator's all_gatherv), runs this rank's experts on them, and hands
+  each rank back its tokens' sums with reduce_scatterv. Offline, the ranks get different
+  numbers of prompts, so the variable-size collectives see different row counts.
 
-Greedy float32 output equals the single-XPU run token for token, and every rank's op accounting
-shows the plugin's MoE ops (and, with data parallelism, the all-to-all) ran.
+Greedy float32 output equals the single-XPU run token for token. Offline, every rank's op
+accounting shows the plugin's MoE ops (and, with data parallelism, the all-to-all) ran; the
+server's workers are stopped by a signal, so there the log shows each engine's XPU and rank.
 
 GLM-4.5 MoE is the model: grouped sigmoid routing with a correction bias, a shared expert and a
 dense first layer, so every MoE path runs under expert parallelism.
 """
 
+import os
 import socket
+import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.engine import PROMPTS, emulation_env, run_generation
 from tests.test_tensor_parallel import rank_stats
+from vllm_kunlun.local_server import LocalServer
 
 pytestmark = pytest.mark.engine
 
@@ -153,3 +160,29 @@ def test_dp2_expert_parallel_all_to_all_on_ray_matches_one_xpu(
     assert ranks[0]["token_ids"] == single_xpu[:3]
     assert ranks[1]["token_ids"] == single_xpu[3:]
     assert_every_rank_ran_moe_ops(tmp_path, ranks=2, collectives=ALL_TO_ALL)
+
+
+def test_serve_with_data_parallel_expert_parallel_matches_one_xpu(glm4_moe, single_xpu, tmp_path):
+    """`vllm-kunlun serve --data-parallel-size 2 --enable-expert-parallel`: two engines, each
+    on its own emulated XPU, behind one server; concurrent greedy requests (spread over both
+    engines) get the single-XPU tokens."""
+    command = [str(Path(sys.executable).with_name("vllm-kunlun")), "serve", str(glm4_moe),
+               "--emulate", "--enforce-eager", "--max-model-len", "512", "--dtype", "float32",
+               "--served-model-name", "moe", "--data-parallel-size", "2",
+               "--enable-expert-parallel"]  # fmt: skip
+    env = {**os.environ, **emulation_env(VLLM_KUNLUN_EMULATED_DEVICES="2")}
+    server = LocalServer(command, tmp_path / "server.log", env=env, startup_timeout_s=600)
+
+    def complete(prompt: str) -> list[int]:
+        request = {"model": "moe", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+                   "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+        response = httpx.post(f"{server.url}/v1/completions", json=request, timeout=300)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["token_ids"]
+
+    with server, ThreadPoolExecutor(len(PROMPTS_4)) as pool:
+        token_ids = list(pool.map(complete, PROMPTS_4))
+    assert token_ids == single_xpu
+    log = (tmp_path / "server.log").read_text()
+    assert "Worker 0 runs on emulated XPU 0" in log and "Worker 0 runs on emulated XPU 1" in log
+    assert "as DP rank 1" in log and "EP rank 1" in log
