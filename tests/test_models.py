@@ -17,6 +17,7 @@ from tests.engine import (
     read_op_stats,
     run_generation,
 )
+from tests.route_checks import assert_only_plugin_ops_and_listed_native_layers, route_env
 
 pytestmark = pytest.mark.engine
 
@@ -63,15 +64,23 @@ def check_logprobs_against_in_tree(model, prompts: list[str], plugin: list[list[
     assert_logprobs_agree(plugin, in_tree["logprobs"])
 
 
-def check_model(model, tmp_path, plugin_ops: tuple[str, ...] = PLUGIN_OPS) -> dict:
+def check_model(model, tmp_path, plugin_ops: tuple[str, ...] = PLUGIN_OPS,
+                rotary_class: str | None = None) -> dict:  # fmt: skip
+    """Greedy tokens equal transformers, logprobs agree with in-tree, the plugin ops ran, and
+    the route report has only plugin ops and listed native layers (tests/route_checks.py)."""
     stats_dir = tmp_path / "ops"
-    result = run_generation(model, PROMPTS, MAX_TOKENS, env=emulation_env(stats_dir), logprobs=TOP)
+    env = emulation_env(stats_dir, **route_env(tmp_path))
+    result = run_generation(model, PROMPTS, MAX_TOKENS, env=env, logprobs=TOP)
     assert result["platform"] == "EmulatedKunlunPlatform"
     assert_same_tokens(result["token_ids"], hf_greedy(model, PROMPTS, MAX_TOKENS))
     check_logprobs_against_in_tree(model, PROMPTS, result["logprobs"])
     counts = read_op_stats(stats_dir)
     missing = [op for op in plugin_ops if counts.get(op, 0) == 0]
     assert not missing, f"plugin ops that never ran: {missing}; counts: {counts}"
+    assert_only_plugin_ops_and_listed_native_layers(
+        tmp_path, result["log"], counts, moe="moe_experts" in plugin_ops,
+        rotary_class=rotary_class,
+    )  # fmt: skip
     return counts
 
 
@@ -93,12 +102,16 @@ def test_gemma2_matches_transformers(tiny_model_factory, tmp_path):
     assert counts.get("silu_and_mul", 0) == 0 and counts.get("rms_norm", 0) == 0
 
 
+#: The rotary class each rope-scaled tiny model must route to the plugin.
+ROTARY_OF = {"llama3": "Llama3RotaryEmbedding", "qwen3-yarn": "YaRNScalingRotaryEmbedding"}
+
+
 @pytest.mark.parametrize("arch", ["llama3", "qwen3-yarn"])
 def test_rope_scaled_models_match_transformers(arch, tiny_model_factory, tmp_path):
     """Llama 3.1 rope scaling and YaRN: vLLM's Llama3RotaryEmbedding and
     YaRNScalingRotaryEmbedding caches, rotated by the plugin's rotary op (the route report
-    checks the layer type: tests/test_routes.py)."""
-    check_model(tiny_model_factory(arch), tmp_path)
+    names the layer type)."""
+    check_model(tiny_model_factory(arch), tmp_path, rotary_class=ROTARY_OF[arch])
 
 
 LONG_PREFIX = (
@@ -126,10 +139,13 @@ def test_chunked_prefill_prefix_hits_and_mixed_batches_match_transformers(
 
 def test_sliding_window_matches_transformers(tiny_model_factory, tmp_path):
     model = tiny_model_factory("mistral")
-    result = run_generation(model, LONG_PROMPTS, 16, env=emulation_env(tmp_path / "ops"),
-                            logprobs=TOP)  # fmt: skip
+    env = emulation_env(tmp_path / "ops", **route_env(tmp_path))
+    result = run_generation(model, LONG_PROMPTS, 16, env=env, logprobs=TOP)
     assert result["token_ids"] == hf_greedy(model, LONG_PROMPTS, 16)
     check_logprobs_against_in_tree(model, LONG_PROMPTS, result["logprobs"])
+    assert_only_plugin_ops_and_listed_native_layers(
+        tmp_path, result["log"], read_op_stats(tmp_path / "ops")
+    )
 
 
 def test_compile_mode_matches_transformers(tiny_model_factory, tmp_path):

@@ -11,6 +11,7 @@ naming what is unsupported. Expert parallelism: tests/test_expert_parallel.py.
 import pytest
 
 from tests.engine import PROMPTS, emulation_env, hf_greedy, read_op_stats, run_generation
+from tests.route_checks import assert_only_plugin_ops_and_listed_native_layers, route_env
 from tests.test_models import (
     MAX_TOKENS,
     TOP,
@@ -92,13 +93,14 @@ def test_ernie45_moe_biased_routing_matches_transformers(tiny_model_factory, tmp
     transformers only: ERNIE_IN_TREE says why not with vLLM's in-tree backend."""
     model = tiny_model_factory("ernie-moe")
     stats_dir = tmp_path / "ops"
-    result = run_generation(model, PROMPTS, MAX_TOKENS, env=emulation_env(stats_dir),
-                            logprobs=TOP)  # fmt: skip
+    env = emulation_env(stats_dir, **route_env(tmp_path))
+    result = run_generation(model, PROMPTS, MAX_TOKENS, env=env, logprobs=TOP)
     assert result["platform"] == "EmulatedKunlunPlatform"
     assert_same_tokens(result["token_ids"], hf_greedy(model, PROMPTS, MAX_TOKENS))
     counts = read_op_stats(stats_dir)
     missing = [op for op in moe_ops("moe_grouped_topk", dense_mlp=True) if not counts.get(op)]
     assert not missing, f"plugin ops that never ran: {missing}; counts: {counts}"
+    assert_only_plugin_ops_and_listed_native_layers(tmp_path, result["log"], counts, moe=True)
     assert_moe_ops_ran_per_step(counts, "moe_grouped_topk", layers=3, moe_layers=2)
 
 

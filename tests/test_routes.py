@@ -6,7 +6,8 @@ routes computes what vLLM's own torch-native forward computes.
   and a real XPU's (forward_oot);
 - each routed rotary class against vLLM's forward_native of the same class (float32 exactly,
   bfloat16 within rounding), M-RoPE on [3, T] positions in each of its channel layouts;
-- one engine per tiny model with the route report written as JSON.
+- every tiny model's route report, written as JSON by the engine run of its model test
+  (tests/route_checks.py; the benchmark's overhead model runs here).
 """
 
 import importlib
@@ -23,7 +24,8 @@ from vllm.model_executor.custom_op import CustomOp
 from vllm.model_executor.layers import rotary_embedding as vllm_rotary
 from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding, RotaryEmbeddingBase
 
-from tests.engine import PROMPTS, emulation_env, read_op_stats, run_generation
+from tests.engine import PROMPTS, REPO, emulation_env, read_op_stats, run_generation
+from tests.route_checks import assert_only_plugin_ops_and_listed_native_layers, route_env
 from vllm_kunlun import routes
 from vllm_kunlun.layers import OOT_LAYERS, register_layers
 from vllm_kunlun.layers.norm import KunlunRMSNorm
@@ -495,46 +497,30 @@ def test_get_rope_builds_the_plugin_class_for_each_rope_type(custom_ops_on):
 
 # Engines ---------------------------------------------------------------------------------------
 
-#: What native rows may say: the native allowlist (linear, embedding, logits), vLLM's model code,
-#: torch.nn modules and vLLM custom ops running forward_native.
-ALLOWED_NATIVE = tuple(
-    f"{method}: {entry.reason}" if method else entry.reason
-    for entry in routes.NATIVE_LAYERS
-    for method in [entry.quant_method]
-) + ("vLLM model code", "torch.nn.", "vLLM custom op", routes.MOE_RUNNER_REASON)
+#: Where each tiny model's engine run checks its route report (route_checks), so that a new tiny
+#: model cannot go unchecked. The overhead model (a benchmark model) is checked here.
+ROUTE_CHECKED_BY = {
+    **dict.fromkeys(["llama", "qwen2", "qwen3", "phi3", "gemma2", "mistral", "llama3",
+                     "qwen3-yarn"], "tests/test_models.py"),
+    **dict.fromkeys(MOE_ARCHITECTURES, "tests/test_moe_models.py"),
+    "overhead": "tests/test_routes.py",
+}  # fmt: skip
 
-#: Rotary classes each rope-scaled tiny model must route to the plugin.
-ROTARY_OF = {"llama3": "Llama3RotaryEmbedding", "qwen3-yarn": "YaRNScalingRotaryEmbedding"}
+
+def test_every_tiny_model_has_its_routes_checked_by_an_engine_test():
+    assert set(ROUTE_CHECKED_BY) == set(ARCHITECTURES)
+    for arch, test_file in ROUTE_CHECKED_BY.items():
+        if test_file != "tests/test_routes.py":
+            assert f'"{arch}"' in (REPO / test_file).read_text(), (arch, test_file)
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_every_tiny_model_runs_only_plugin_ops_and_listed_native_layers(
-    arch, tiny_model_factory, tmp_path
+def test_the_overhead_model_runs_only_plugin_ops_and_listed_native_layers(
+    tiny_model_factory, tmp_path
 ):
-    report_dir = tmp_path / "routes"
-    result = run_generation(
-        tiny_model_factory(arch),
-        PROMPTS,
-        2,
-        env=emulation_env(tmp_path / "ops", VLLM_KUNLUN_ROUTE_REPORT=str(report_dir)),
-    )
+    env = emulation_env(tmp_path / "ops", **route_env(tmp_path))
+    result = run_generation(tiny_model_factory("overhead"), PROMPTS, 2, env=env)
     assert all(len(ids) == 2 for ids in result["token_ids"])
-    (report,) = routes.read_reports(report_dir)
-    assert "Layer routes of the model (rank 0)" in result["log"]
-    assert not report.refused()
-    for row in report.rows:
-        assert row.route in (PLUGIN_OP, NATIVE), row
-        if row.route == NATIVE:
-            assert row.detail.startswith(ALLOWED_NATIVE), row
-    plugin = {row.layer_type for row in report.rows if row.route == PLUGIN_OP}
-    assert {"Attention"} < plugin
-    assert any("RotaryEmbedding" in name for name in plugin), plugin
-    if arch in ROTARY_OF:
-        assert report.route_of(ROTARY_OF[arch]) == {PLUGIN_OP}
-    counts = read_op_stats(tmp_path / "ops")
-    assert counts.get("rotary_embedding", 0) > 0
-    if arch in MOE_ARCHITECTURES:  # the experts are the plugin's MoE method
-        assert report.route_of("RoutedExperts") == {PLUGIN_OP}
-        assert report.route_of("MoERunner") == {NATIVE}
-        assert counts.get("moe_experts", 0) > 0
+    assert_only_plugin_ops_and_listed_native_layers(
+        tmp_path, result["log"], read_op_stats(tmp_path / "ops")
+    )
