@@ -50,17 +50,12 @@ def write_stats(directory: str | os.PathLike[str]) -> Path | None:
     return path
 
 
-def _write_at_exit() -> None:
-    directory = envs.VLLM_KUNLUN_OP_STATS.get()
-    if directory:
-        write_stats(directory)
-
-
 def write_now() -> str | None:
     """Write this process's counts now, if VLLM_KUNLUN_OP_STATS is set; the path, or None.
 
-    Workers call it on `LLM.collective_rpc("write_op_stats")`: Ray kills its workers at
-    shutdown, so their exit hook never runs."""
+    It runs at exit (install_exit_hook), and workers call it on
+    `LLM.collective_rpc("write_op_stats")`: Ray kills its workers at shutdown, so their exit
+    hook never runs."""
     directory = envs.VLLM_KUNLUN_OP_STATS.get()
     path = write_stats(directory) if directory else None
     return None if path is None else str(path)
@@ -70,5 +65,5 @@ def install_exit_hook() -> None:
     """Arrange for the counts to be written at exit when VLLM_KUNLUN_OP_STATS is set."""
     global _hook_installed
     if not _hook_installed and envs.VLLM_KUNLUN_OP_STATS.get():
-        atexit.register(_write_at_exit)
+        atexit.register(write_now)
         _hook_installed = True

@@ -10,6 +10,7 @@ reference's (`reference.grouped_experts`). Other dtypes, and hosts whose torch h
 bfloat16, run the reference. Routing runs the reference: it is not where the time goes.
 """
 
+import functools
 import weakref
 
 import torch
@@ -23,7 +24,9 @@ PACKING_BATCH = 8
 _packed: dict[int, tuple[weakref.ref, int, list[torch.Tensor]]] = {}
 
 
+@functools.cache
 def packing_available() -> bool:
+    """Whether torch has oneDNN's packed bf16 linear; asked once, as `takes` runs per call."""
     mkldnn = torch.ops.mkldnn
     return (
         torch.backends.mkldnn.is_available()
