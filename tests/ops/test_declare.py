@@ -35,7 +35,9 @@ def parameters(fn) -> list[tuple[str, inspect._ParameterKind]]:
 
 
 def test_the_families_are_the_op_packages():
-    assert {"norm", "activation", "rotary", "kv_cache", "attention", "moe"} <= set(families())
+    assert {"norm", "activation", "rotary", "kv_cache", "attention", "moe", "quant"} <= set(
+        families()
+    )
     for spec in declared_ops().values():
         assert spec.family in families()
         assert spec.call.__module__ == f"vllm_kunlun.ops.{spec.family}"
@@ -211,6 +213,35 @@ def op_samples() -> dict[str, tuple]:
             "silu",
             False,
         ),  # fmt: skip
+        # the same with int8 weights and their per-channel absmax, token 1 on experts 2 and 0
+        "moe_experts_w8a8": (
+            torch.randn(3, 32),
+            torch.randint(-127, 128, (4, 48, 32), dtype=torch.int8),
+            torch.rand(4, 48) + 0.5,
+            torch.randint(-127, 128, (4, 32, 24), dtype=torch.int8),
+            torch.rand(4, 32) + 0.5,
+            torch.rand(3, 2),
+            torch.tensor([[0, 3], [2, 0], [2, 3]], dtype=torch.int32),
+            None,
+            "silu",
+            False,
+        ),  # fmt: skip
+        "int8_quant_per_token": (torch.randn(2, 3, 40),),
+        "int8_quant_static": (
+            torch.randn(3, 40),
+            torch.tensor([0.02]),
+            torch.tensor([-3], dtype=torch.int32),
+        ),  # fmt: skip
+        # 3 tokens of 40 -> 7 channels, per-token absmax, bias, bf16 out
+        "int8_scaled_mm": (
+            torch.randint(-127, 128, (3, 40), dtype=torch.int8),
+            torch.rand(3, 1) + 0.5,
+            torch.randint(-127, 128, (7, 40), dtype=torch.int8),
+            torch.rand(7) + 0.5,
+            None,
+            torch.randn(7),
+            torch.bfloat16,
+        ),  # fmt: skip
     }
 
 
@@ -229,6 +260,10 @@ OPCHECK_CASES = [
     "moe_softmax_topk",
     "moe_grouped_topk",
     "moe_experts",
+    "moe_experts_w8a8",
+    "int8_quant_per_token",
+    "int8_quant_static",
+    "int8_scaled_mm",
 ]
 
 

@@ -48,7 +48,8 @@ def test_the_compiled_provider_runs_the_fast_kernels_where_they_exist():
     compiled = Provider("compiled")
     fast = {op for op, source in compiled.sources.items() if source.endswith(".compiled")}
     assert fast == {"rms_norm", "fused_add_rms_norm", "rotary_embedding", "reshape_and_cache",
-                    "decode_attention", "moe_experts"}  # fmt: skip
+                    "decode_attention", "moe_experts", "moe_experts_w8a8",
+                    "int8_scaled_mm"}  # fmt: skip
     for op in set(declared_ops()) - fast:  # the rest is the reference, the emulated kernel
         assert compiled.kernel(op) is Provider("reference").kernel(op)
 
@@ -57,7 +58,8 @@ def test_the_kunlun_provider_binds_every_op_or_names_the_reference():
     kunlun = Provider("kunlun")  # resolving needs no kunlun_ops; prepare() does
     assert set(kunlun.kernels) == set(declared_ops())
     named_reference = {op for op, source in kunlun.sources.items() if source.endswith("reference")}
-    assert named_reference == {"gelu_and_mul"}  # no recorded Kunlun kernel (KUNLUN.md §2b)
+    # no recorded kunlun_ops kernel (KUNLUN.md §2b, §2g: only xspeedgate_ops)
+    assert named_reference == {"gelu_and_mul", "int8_quant_static"}
 
 
 def test_an_unknown_op_is_an_attribute_error():

@@ -30,8 +30,8 @@ logger = get_logger("ops")
 
 PROVIDERS: dict[str, str] = {
     "reference": "reference kernels (plain PyTorch)",
-    "compiled": "the emulated device's fast kernels (C++; oneDNN-packed GEMMs for the MoE experts) "
-    "where they exist, reference kernels elsewhere",
+    "compiled": "the emulated device's fast kernels (C++; oneDNN-packed GEMMs for the MoE experts; "
+    "torch._int_mm for int8 GEMMs) where they exist, reference kernels elsewhere",
     "kunlun": "Kunlun kernel library (kunlun_ops)",
 }
 #: Values VLLM_KUNLUN_KERNELS accepts.

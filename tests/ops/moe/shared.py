@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tests.ops.quant.shared import round_half_even
+
 #: (atol, rtol) against max |expected|: GEMMs in the activation dtype round a few times.
 EXPERT_TOLERANCE = {
     torch.float32: (1e-5, 1e-4),
@@ -129,6 +131,7 @@ class ExpertsShape:
     local_ids: tuple[int, ...] | None = None  # global ids of the local experts (expert map)
     activation: str = "silu"
     on_input: bool = False
+    zero_row: int | None = None  # a token whose hidden state is all zeros
 
     def __str__(self) -> str:
         return self.name
@@ -155,6 +158,8 @@ def experts_inputs(shape: ExpertsShape, dtype: torch.dtype) -> tuple:
         x = torch.randn(shape.tokens, shape.hidden + 8).to(dtype)[:, 8:]
     else:
         x = torch.randn(shape.tokens, shape.hidden).to(dtype)
+    if shape.zero_row is not None:
+        x[shape.zero_row] = 0.0
     w13 = (torch.randn(shape.experts, 2 * shape.inter, shape.hidden) * shape.hidden**-0.5).to(dtype)
     w2 = (torch.randn(shape.experts, shape.hidden, shape.inter) * shape.inter**-0.5).to(dtype)
     allowed = torch.tensor([e for e in range(global_experts) if e not in shape.idle])
@@ -167,3 +172,95 @@ def experts_inputs(shape: ExpertsShape, dtype: torch.dtype) -> tuple:
         expert_map = torch.full((global_experts,), -1, dtype=torch.int32)
         expert_map[list(shape.local_ids)] = torch.arange(len(shape.local_ids), dtype=torch.int32)
     return x, w13, w2, weights, ids, expert_map, shape.activation, shape.on_input
+
+
+# W8A8 experts ----------------------------------------------------------------------------------
+
+W8A8_SHAPES = [*SHAPES, ExpertsShape("a token of zeros", 5, 6, 2, 64, 32, zero_row=2)]
+
+
+def int8_expert_weights(experts: int, channels: int, depth: int):
+    """(int8 [E, N, K] in [-127, 127], float32 absmax [E, N]): dequantized rows of a standard
+    deviation of about K^-0.5, like the float tests' weights."""
+    w = torch.randint(-127, 128, (experts, channels, depth), dtype=torch.int8)
+    return w, (torch.rand(experts, channels) + 0.5) * 2 * depth**-0.5
+
+
+def experts_w8a8_inputs(shape: ExpertsShape, dtype: torch.dtype) -> tuple:
+    """moe_experts_w8a8's arguments: x, w13, w13_absmax, w2, w2_absmax, then the routing."""
+    x, _, _, *routing = experts_inputs(shape, dtype)
+    w13, w13_absmax = int8_expert_weights(shape.experts, 2 * shape.inter, shape.hidden)
+    w2, w2_absmax = int8_expert_weights(shape.experts, shape.hidden, shape.inter)
+    return (x, w13, w13_absmax, w2, w2_absmax, *routing)
+
+
+def _plain_quantize(values: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """One token row per token: (q int64, absmax). The quotient values / (absmax / 127) is
+    computed in float32, as the quant family specifies; the rounding is the test's own."""
+    absmax = values.abs().max().float()
+    if absmax == 0:
+        return torch.zeros_like(values, dtype=torch.int64), 0.0
+    quotient = values.float() / (absmax / 127)
+    return round_half_even(quotient.double()).clamp(-127, 127).long(), float(absmax)
+
+
+def plain_moe_experts_w8a8(x, w13, w13_absmax, w2, w2_absmax, topk_weights, topk_ids,
+                           expert_map, activation, on_input):  # fmt: skip
+    """Token by token, slot by slot, in float64: quantize the token row, exact integer dot
+    products with w13[e], scale by x_max / 127 and w13_absmax / 127, round to x's dtype, the
+    gated activation rounded to x's dtype, quantize it, the same with w2[e], and the weighted sum.
+
+    -> (out float64 [T, H], step float64 [T, H]): step is sum_j |w_tj| * a_max * w2_absmax / 127,
+    what one quantized activation value rounding the other way moves the output by at most (a
+    kernel computing h or a in float32 may meet a near-tie the float64 formula rounds the other
+    way; see assert_w8a8_within)."""
+    tokens, hidden = x.shape
+    inter = w2.shape[2]
+    out = torch.zeros(tokens, hidden, dtype=torch.float64)
+    step = torch.zeros(tokens, hidden, dtype=torch.float64)
+    for t in range(tokens):
+        for j in range(topk_ids.shape[1]):
+            expert = int(topk_ids[t, j])
+            if expert_map is not None:
+                expert = int(expert_map[expert])
+                if expert < 0:
+                    continue
+            weight = float(topk_weights[t, j])
+            row = x[t]
+            if on_input:
+                row, weight = row * topk_weights[t, j].to(x.dtype), 1.0
+            x_q, x_max = _plain_quantize(row.double())
+            acc = w13[expert].long() @ x_q
+            gate_up = acc.double() * (x_max / 127) * (w13_absmax[expert].double() / 127)
+            gate_up = gate_up.to(x.dtype).double()
+            a = torch.tensor(
+                [_act(float(gate_up[i]), activation) * float(gate_up[inter + i])
+                 for i in range(inter)], dtype=torch.float64,
+            ).to(x.dtype).double()  # fmt: skip
+            a_q, a_max = _plain_quantize(a)
+            down = w2[expert].long() @ a_q
+            y = down.double() * (a_max / 127) * (w2_absmax[expert].double() / 127)
+            out[t] += weight * y.to(x.dtype).double()
+            step[t] += abs(weight) * a_max * w2_absmax[expert].double() / 127
+    return out, step
+
+
+def assert_w8a8_within(got: torch.Tensor, want: torch.Tensor, step: torch.Tensor,
+                       dtype: torch.dtype) -> None:  # fmt: skip
+    """Within EXPERT_TOLERANCE of `want`, plus, element by element, one quantization step of
+    the activation per slot (`step` from plain_moe_experts_w8a8), which a near-tie needs
+    rarely: in at most one token of ten (at least one allowed)."""
+    atol, rtol = EXPERT_TOLERANCE[dtype]
+    assert got.shape == want.shape
+    if not got.numel():
+        return
+    error = (got.double() - want.double()).abs()
+    base = atol + rtol * want.double().abs().max()
+    allowed = base + step
+    worst = int((error - allowed).argmax())
+    assert bool((error <= allowed).all()), (
+        f"error {error.view(-1)[worst]:.3g} > allowed {allowed.view(-1)[worst]:.3g} "
+        f"(step {step.view(-1)[worst]:.3g}) at {divmod(worst, got.shape[-1])}"
+    )
+    stepped = int((error > base).any(dim=-1).sum())
+    assert stepped <= max(1, got.shape[0] // 10), f"{stepped} tokens needed the step"

@@ -1,6 +1,7 @@
 """The MoE family's emulated fast path (vllm_kunlun/ops/moe/compiled.py): bfloat16 experts on
 oneDNN-packed weights, against the same plain float64 formula as the reference; other dtypes go
-to the reference. Packed weights are made once per weight version and dropped with the weight."""
+to the reference. Packed weights are made once per weight version and dropped with the weight.
+The W8A8 experts on torch._int_mm are bitwise the reference's."""
 
 import gc
 
@@ -8,15 +9,26 @@ import pytest
 import torch
 
 from tests.ops.helpers import DTYPES, compiled_provider
-from tests.ops.moe.shared import SHAPES, assert_within, experts_inputs, plain_moe_experts
+from tests.ops.moe.shared import (
+    SHAPES,
+    W8A8_SHAPES,
+    assert_within,
+    experts_inputs,
+    experts_w8a8_inputs,
+    plain_moe_experts,
+)
 from vllm_kunlun.ops.moe import compiled, reference
+from vllm_kunlun.ops.provider import Provider
+from vllm_kunlun.ops.quant import reference as quant_reference
 
-pytestmark = [
-    pytest.mark.usefixtures("one_thread"),
-    pytest.mark.skipif(not compiled.packing_available(), reason="torch without oneDNN bf16"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
+needs_packing = pytest.mark.skipif(
+    not compiled.packing_available(), reason="torch without oneDNN bf16"
+)
+needs_int_mm = pytest.mark.skipif(not hasattr(torch, "_int_mm"), reason="torch without _int_mm")
 
 
+@needs_packing
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_moe_experts(dtype, shape):
@@ -26,6 +38,7 @@ def test_moe_experts(dtype, shape):
     assert_within(got, plain_moe_experts(*args), dtype)
 
 
+@needs_packing
 def test_bfloat16_takes_the_packed_path_and_other_dtypes_the_reference(monkeypatch):
     """The formula tests above could pass on the fallback alone."""
     monkeypatch.setattr(reference, "moe_experts", lambda *a: 1 / 0)
@@ -35,6 +48,7 @@ def test_bfloat16_takes_the_packed_path_and_other_dtypes_the_reference(monkeypat
         compiled.moe_experts(*experts_inputs(SHAPES[6], torch.float32))
 
 
+@needs_packing
 def test_the_provider_runs_the_fast_path():
     kernels = compiled_provider()
     assert kernels.moe_experts is compiled.moe_experts
@@ -42,6 +56,7 @@ def test_the_provider_runs_the_fast_path():
     assert kernels.sources["moe_softmax_topk"] == "moe.reference"
 
 
+@needs_packing
 def test_weights_are_packed_once_per_version_and_dropped_with_the_weight():
     x, w13, w2, *rest = experts_inputs(SHAPES[5], torch.bfloat16)
     first = compiled.moe_experts(x, w13, w2, *rest)
@@ -60,3 +75,41 @@ def test_weights_are_packed_once_per_version_and_dropped_with_the_weight():
     del w13, w2, packed
     gc.collect()
     assert not keys & compiled._packed.keys()
+
+
+# W8A8 experts --------------------------------------------------------------------------------
+
+
+@needs_int_mm
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", W8A8_SHAPES, ids=str)
+def test_moe_experts_w8a8_is_bitwise_the_reference(dtype, shape):
+    args = experts_w8a8_inputs(shape, dtype)
+    got = compiled.moe_experts_w8a8(*args)
+    assert got.dtype == dtype and got.shape == args[0].shape and got.is_contiguous()
+    assert torch.equal(got, reference.moe_experts_w8a8(*args))
+
+
+@needs_int_mm
+def test_moe_experts_w8a8_takes_int_mm(monkeypatch):
+    """The comparison above could pass on the reference's GEMM alone."""
+    args = experts_w8a8_inputs(W8A8_SHAPES[6], torch.bfloat16)
+    want = reference.moe_experts_w8a8(*args)
+    monkeypatch.setattr(quant_reference, "int8_accumulate", lambda *a: 1 / 0)
+    assert torch.equal(compiled.moe_experts_w8a8(*args), want)
+    with pytest.raises(ZeroDivisionError):
+        reference.moe_experts_w8a8(*args)
+
+
+def test_moe_experts_w8a8_refuses_what_the_reference_refuses():
+    args = list(experts_w8a8_inputs(W8A8_SHAPES[0], torch.float32))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        compiled.moe_experts_w8a8(*args[:8], "relu2", False)
+    with pytest.raises(ValueError, match="needs top_k == 1"):
+        compiled.moe_experts_w8a8(*args[:8], "silu", True)
+
+
+def test_the_provider_runs_the_w8a8_fast_path():
+    kernels = Provider("compiled")  # sources are resolved without building anything
+    assert kernels.moe_experts_w8a8 is compiled.moe_experts_w8a8
+    assert kernels.sources["moe_experts_w8a8"] == "moe.compiled"

@@ -10,17 +10,23 @@ import torch
 from tests.ops.helpers import DTYPES, standin_calls
 from tests.ops.moe.shared import (
     SHAPES,
+    W8A8_SHAPES,
     ExpertsShape,
+    assert_w8a8_within,
     assert_within,
     distinct_logits,
     experts_inputs,
+    experts_w8a8_inputs,
+    plain_moe_experts_w8a8,
 )
 from vllm_kunlun.ops.moe import kunlun as moe_kunlun
 from vllm_kunlun.ops.moe import reference
 from vllm_kunlun.ops.provider import Provider
+from vllm_kunlun.ops.quant import reference as quant_reference
 
 EXPERT_CALLS = {"gen_block_statistic": 1, "moe_pre_sorted": 1, "moe_fc": 2, "swiglu": 1,
                 "moe_post": 1}  # fmt: skip
+W8A8_CALLS = {**EXPERT_CALLS, "quant2d": 2}
 
 
 def assert_same_routing(got, want) -> None:
@@ -48,8 +54,18 @@ def test_load_rejects_moe_fc_without_the_recorded_keywords(use_standin, monkeypa
         Provider("kunlun").prepare()
 
 
+def test_load_rejects_moe_fc_without_the_w8a8_keywords(use_standin, monkeypatch):
+    """A moe_fc that takes no per-channel maxes cannot run the recorded W8A8 path."""
+    ops = use_standin()
+    monkeypatch.setattr(ops, "moe_fc", lambda *, x, weight, sorted_tokens_num_lod,
+                        sorted_tokens_idx, moe_topk, y, act=None, w_perchannel_max=None,
+                        topk_ids=None: None)  # fmt: skip
+    with pytest.raises(RuntimeError, match="moe_fc does not accept x_perchannel_max\\."):
+        Provider("kunlun").prepare()
+
+
 def test_every_moe_op_is_bound(kunlun):
-    for op in ("moe_softmax_topk", "moe_grouped_topk", "moe_experts"):
+    for op in ("moe_softmax_topk", "moe_grouped_topk", "moe_experts", "moe_experts_w8a8"):
         assert kunlun.sources[op] == "moe.kunlun"
 
 
@@ -261,3 +277,119 @@ def test_standin_expert_kernels_check_their_contract(use_standin):
     with pytest.raises(AssertionError, match="recorded form"):
         ops.moe_post(x=fc["y"], moe_index=moe_index.view(4, 2), normed_scale=scale,
                      dequant_scale=torch.ones(4, 2), y=y)  # fmt: skip
+
+
+# W8A8 experts --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", W8A8_SHAPES, ids=str)
+def test_moe_experts_w8a8(kunlun, dtype, shape):
+    """The recorded W8A8 path gives the reference's result, up to swiglu's rounding (the
+    stand-in's rounds twice in the activation dtype) moving a quantized activation by one."""
+    args = experts_w8a8_inputs(shape, dtype)
+    got = kunlun.moe_experts_w8a8(*args)
+    assert got.dtype == dtype and got.shape == args[0].shape and got.is_contiguous()
+    _, step = plain_moe_experts_w8a8(*args)
+    assert_w8a8_within(got, reference.moe_experts_w8a8(*args), step, dtype)
+    calls = dict(W8A8_CALLS)
+    if shape.activation != "silu":
+        del calls["swiglu"]  # gelu: PyTorch between the two moe_fc calls
+    assert standin_calls() == calls
+
+
+def test_moe_experts_w8a8_passes_the_recorded_quantized_moe_fc(kunlun, monkeypatch):
+    """int8 rows with their per-row max [M·k, 1], int8 weights with their per-channel max
+    [E, N] float32, the sorted ids and act=None, into y in the activation dtype."""
+    seen = []
+    fc = moe_kunlun.library().moe_fc
+
+    def spy(**kwargs):
+        seen.append({k: v.clone() if isinstance(v, torch.Tensor) else v
+                     for k, v in kwargs.items()})  # fmt: skip
+        return fc(**kwargs)
+
+    monkeypatch.setattr(moe_kunlun.library(), "moe_fc", spy)
+    shape = W8A8_SHAPES[6]  # expert map: 4 local experts
+    x, w13, a13, w2, a2, weights, ids, expert_map, act, on_input = experts_w8a8_inputs(
+        shape, torch.bfloat16
+    )
+    kunlun.moe_experts_w8a8(x, w13, a13, w2, a2, weights, ids, expert_map, act, on_input)
+    slots, inter = shape.tokens * shape.top_k, shape.inter
+    local_ids = expert_map[ids.long()].clamp(min=0).to(torch.int32)
+    stages = ((seen[0], shape.hidden, w13, a13, 2 * inter), (seen[1], inter, w2, a2, shape.hidden))
+    for call, width, weight, absmax, y_width in stages:
+        assert call["x"].dtype == torch.int8 and call["x"].shape == (slots, width)
+        assert call["x_perchannel_max"].dtype == torch.float32
+        assert call["x_perchannel_max"].shape == (slots, 1)
+        assert torch.equal(call["weight"], weight)
+        assert torch.equal(call["w_perchannel_max"], absmax)
+        assert call["y"].dtype == torch.bfloat16
+        assert call["y"].shape == (shape.tokens, shape.top_k, y_width)
+        assert torch.equal(call["topk_ids"], local_ids)
+        assert call["act"] is None and call["moe_topk"] == shape.top_k
+    # Each row's max is the absmax of the row moe_fc gets (the sorted x, then the activation).
+    assert bool((seen[0]["x"].abs().amax(-1) == 127).all())
+
+
+def test_moe_experts_w8a8_more_than_512_experts_run_the_reference(kunlun):
+    shape = ExpertsShape("many", 4, 520, 2, 16, 8)
+    args = experts_w8a8_inputs(shape, torch.float32)
+    assert torch.equal(kunlun.moe_experts_w8a8(*args), reference.moe_experts_w8a8(*args))
+    assert standin_calls() == {}
+
+
+def test_moe_experts_w8a8_zero_tokens_call_no_kernel(kunlun):
+    x, w13, a13, w2, a2, weights, ids, *rest = experts_w8a8_inputs(W8A8_SHAPES[1],
+                                                                   torch.bfloat16)  # fmt: skip
+    out = kunlun.moe_experts_w8a8(x[:0], w13, a13, w2, a2, weights[:0], ids[:0], *rest)
+    assert out.shape == (0, x.shape[1]) and out.dtype == torch.bfloat16
+    assert standin_calls() == {}
+
+
+def test_moe_experts_w8a8_refuses_what_the_reference_refuses(kunlun):
+    args = list(experts_w8a8_inputs(W8A8_SHAPES[0], torch.float32))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        kunlun.moe_experts_w8a8(*args[:8], "relu2", False)
+    with pytest.raises(ValueError, match="needs top_k == 1"):
+        kunlun.moe_experts_w8a8(*args[:8], "silu", True)
+
+
+def test_standin_quantized_moe_fc_checks_its_contract(use_standin):
+    ops = use_standin()
+    ids = torch.tensor([[0, 1], [2, 1], [1, 0], [2, 2]], dtype=torch.int32)
+    lod = torch.tensor([0, 2, 5, 8], dtype=torch.int32)
+    order = torch.argsort(ids.reshape(-1).long(), stable=True)
+    index = torch.argsort(order).to(torch.int32)
+    x_q = torch.randint(-127, 128, (8, 16), dtype=torch.int8)
+    w = torch.randint(-127, 128, (3, 6, 16), dtype=torch.int8)
+    fc = dict(x=x_q, weight=w, sorted_tokens_num_lod=lod, sorted_tokens_idx=index, moe_topk=2,
+              y=torch.empty(4, 2, 6, dtype=torch.bfloat16), x_perchannel_max=torch.rand(8, 1),
+              w_perchannel_max=torch.rand(3, 6), topk_ids=ids, act=None)  # fmt: skip
+    ops.moe_fc(**fc)
+    y = fc["y"].view(8, 6)
+    for expert, (start, end) in enumerate(((0, 2), (2, 5), (5, 8))):
+        want = quant_reference.int8_scaled_mm(x_q[start:end], fc["x_perchannel_max"][start:end],
+                                              w[expert], fc["w_perchannel_max"][expert], None,
+                                              None, torch.bfloat16)  # fmt: skip
+        assert torch.equal(y[start:end], want)
+    ops.moe_fc(**{**fc, "w_perchannel_max": fc["w_perchannel_max"][..., None]})  # vLLM's shape
+    bad = {
+        "needs x_perchannel_max": {"x_perchannel_max": None},
+        "x_perchannel_max must be \\[M·k=8, 1\\]": {"x_perchannel_max": torch.rand(4, 1)},
+        "x_perchannel_max must be torch.float32": {"x_perchannel_max": torch.rand(8, 1).half()},
+        "w_perchannel_max must be \\[E=3, N=6\\]": {"w_perchannel_max": torch.rand(6)},
+        "w_perchannel_max must be contiguous": {"w_perchannel_max": torch.rand(6, 3).t()},
+        "weight must be int8": {"weight": w.float()},
+        "passes topk_ids": {"topk_ids": None},
+        "topk_ids must be int32": {"topk_ids": ids.long()},
+        "sorted into sorted_tokens_num_lod": {"topk_ids": torch.zeros_like(ids)},
+        "y must be fp32/fp16/bf16": {"y": torch.empty(4, 2, 6, dtype=torch.int32)},
+        "only act=None": {"act": "SWISH_GLU"},
+    }
+    for message, change in bad.items():
+        with pytest.raises(AssertionError, match=message):
+            ops.moe_fc(**{**fc, **change})
+    floating = {**fc, "x": torch.randn(8, 16), "weight": w.float(), "y": torch.empty(4, 2, 6)}
+    with pytest.raises(AssertionError, match="x_perchannel_max is not modeled"):
+        ops.moe_fc(**floating)  # the float form takes no per-channel max

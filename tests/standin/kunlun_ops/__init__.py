@@ -35,6 +35,7 @@ from vllm_kunlun.ops.activation import reference as activation
 from vllm_kunlun.ops.attention import reference as attention
 from vllm_kunlun.ops.kv_cache import reference as kv_cache
 from vllm_kunlun.ops.norm import reference as norm
+from vllm_kunlun.ops.quant import reference as quant
 from vllm_kunlun.ops.rotary import reference as rotary
 
 __version__ = "0.1.58+standin"
@@ -590,6 +591,36 @@ def _moe_lod(lod: object, experts: int, rows: int) -> torch.Tensor:
     return lod
 
 
+def _moe_fc_quantized(x, weight, y, rows: int, moe_topk: int, lod: torch.Tensor,
+                     x_perchannel_max, w_perchannel_max, topk_ids) -> torch.Tensor:  # fmt: skip
+    """The W8A8 form's checks: int8 x and weight, x_perchannel_max float32 [M·k, 1] (per row of
+    the sorted x), w_perchannel_max float32 [E, N] (or vLLM's [E, N, 1], the same memory),
+    topk_ids int32 [M, k] of the ids that were sorted. -> the weight absmax as [E, N]."""
+    _int8("x", x)
+    _int8("weight", weight)
+    experts, n, _ = weight.shape
+    _expect(x_perchannel_max is not None and w_perchannel_max is not None,
+            "the int8 form needs x_perchannel_max and w_perchannel_max")  # fmt: skip
+    _tensor("x_perchannel_max", x_perchannel_max)
+    _floating("x_perchannel_max", x_perchannel_max, torch.float32)
+    _expect(tuple(x_perchannel_max.shape) == (rows, 1),
+            f"x_perchannel_max must be [M·k={rows}, 1], one absmax per row of x")  # fmt: skip
+    _tensor("w_perchannel_max", w_perchannel_max)
+    _floating("w_perchannel_max", w_perchannel_max, torch.float32)
+    _expect(tuple(w_perchannel_max.shape) in ((experts, n), (experts, n, 1)),
+            f"w_perchannel_max must be [E={experts}, N={n}], one absmax per expert and output "
+            f"channel, got {tuple(w_perchannel_max.shape)}")  # fmt: skip
+    _expect(topk_ids is not None, "the recorded int8 form passes topk_ids")
+    ids = _moe_ids("topk_ids", topk_ids, experts)
+    _expect(tuple(ids.shape) == (rows // moe_topk, moe_topk), "topk_ids must be [M, k]")
+    counts = torch.bincount(ids.reshape(-1).long(), minlength=experts)
+    _expect(torch.equal(counts.to(lod.device), lod.diff().long()),
+            "topk_ids must be the ids sorted into sorted_tokens_num_lod")  # fmt: skip
+    _tensor("y", y)
+    _floating("y", y)
+    return w_perchannel_max.view(experts, n)
+
+
 @_kernel
 def moe_fc(
     *, x, weight, sorted_tokens_num_lod, sorted_tokens_idx, moe_topk, y, act=None,
@@ -598,11 +629,12 @@ def moe_fc(
     sort_mode=True,
 ) -> None:  # fmt: skip
     """Grouped GEMM over expert-sorted rows: y row p = x row p @ weight[e].T for the expert e
-    whose lod range holds p; y is [M, k, N] (a view of the sorted rows). Unquantized only."""
+    whose lod range holds p; y is [M, k, N] (a view of the sorted rows). Unquantized (float x
+    and weight of one dtype), or W8A8: int8 x and weight, scaled by x_perchannel_max[p] / 127
+    and w_perchannel_max[e, n] / 127 and rounded to y's dtype (the quant family's
+    int8_scaled_mm, as inferred in vllm_kunlun/ops/moe/kunlun.py)."""
     _tensor("x", x, 2)
-    _floating("x", x)
     _tensor("weight", weight, 3)
-    _floating("weight", weight, x.dtype)
     experts, n, k_dim = weight.shape
     _expect(x.shape[1] == k_dim, f"x must be [M·k, {k_dim}] for weight [E, N, {k_dim}]")
     rows = x.shape[0]
@@ -611,20 +643,36 @@ def moe_fc(
     _int32("sorted_tokens_idx", sorted_tokens_idx)
     _expect(sorted_tokens_idx.numel() == rows, "sorted_tokens_idx must have M·k entries")
     _expect(isinstance(moe_topk, int) and moe_topk > 0 and rows % moe_topk == 0, "bad moe_topk")
-    _output("y", y, x, (rows // moe_topk, moe_topk, n))
+    quantized = x.dtype == torch.int8
+    if quantized:
+        w_max = _moe_fc_quantized(x, weight, y, rows, moe_topk, lod, x_perchannel_max,
+                                  w_perchannel_max, topk_ids)  # fmt: skip
+        _expect(tuple(y.shape) == (rows // moe_topk, moe_topk, n),
+                f"y must be preallocated as {(rows // moe_topk, moe_topk, n)}")  # fmt: skip
+    else:
+        _floating("x", x)
+        _floating("weight", weight, x.dtype)
+        _output("y", y, x, (rows // moe_topk, moe_topk, n))
+        for name, value in (("x_perchannel_max", x_perchannel_max), ("topk_ids", topk_ids),
+                            ("w_perchannel_max", w_perchannel_max)):  # fmt: skip
+            _not_modeled(name, value)
     _expect(act is None, "only act=None is modeled (the fused SWISH_GLU is not used)")
-    for name, value in (("x_perchannel_max", x_perchannel_max), ("topk_ids", topk_ids),
-                        ("w_perchannel_max", w_perchannel_max), ("topk_w", topk_w),
-                        ("bias", bias), ("tgemm_type", tgemm_type),
+    for name, value in (("topk_w", topk_w), ("bias", bias), ("tgemm_type", tgemm_type),
                         ("tweight_type", tweight_type)):  # fmt: skip
         _not_modeled(name, value)
     _expect(scale_n == 0 and scale_k == 0 and use_pack_int4 is False and sort_mode is True,
-            "only the unquantized, sorted form is modeled")  # fmt: skip
+            "only the unquantized and W8A8 sorted forms are modeled")  # fmt: skip
     bounds = lod.tolist()
     out = y.view(rows, n)
     for expert in range(experts):
         start, end = bounds[expert], bounds[expert + 1]
-        if end > start:
+        if end == start:
+            continue
+        if quantized:
+            out[start:end] = quant.int8_scaled_mm(x[start:end], x_perchannel_max[start:end],
+                                                  weight[expert], w_max[expert], None, None,
+                                                  y.dtype)  # fmt: skip
+        else:
             out[start:end] = x[start:end] @ weight[expert].t()
 
 
@@ -649,3 +697,66 @@ def moe_post(x, moe_index, normed_scale, dequant_scale, y, /) -> None:
     picked = x.reshape(tokens * top_k, hidden)[rows].float().view(tokens, top_k, hidden)
     scale = (normed_scale * dequant_scale).unsqueeze(-1)
     y.copy_((picked * scale).sum(dim=1))
+
+
+# Quantization and quantized GEMM (§2g) -------------------------------------------------------
+# Computed with the quant family's reference (vllm_kunlun/ops/quant/kunlun.py states what is
+# assumed): quant2d rounds half to even and clamps to +-127, matmul accumulates exactly.
+
+
+def _int8(name: str, t: torch.Tensor) -> None:
+    _expect(t.dtype == torch.int8, f"{name} must be int8, got {t.dtype}")
+
+
+@_kernel
+def quant2d(x, y, max, force_sdnn=False) -> None:  # noqa: A002 (the recorded keyword)
+    """Symmetric per-row int8 quantization: max [rows, 1] = the rows' absmax (not the scale),
+    y = round(x / (max / 127)) in [-127, 127]."""
+    _tensor("x", x, 2)  # the caller flattens to rows
+    _floating("x", x)
+    _tensor("y", y)
+    _int8("y", y)
+    _expect(tuple(y.shape) == tuple(x.shape), f"y must be preallocated as {tuple(x.shape)}")
+    _tensor("max", max)
+    _floating("max", max, torch.float32)
+    _expect(tuple(max.shape) == (x.shape[0], 1), f"max must be preallocated as [{x.shape[0]}, 1]")
+    _expect(force_sdnn is True, "only force_sdnn=True (every recorded activation use) is modeled")
+    q, absmax = quant.int8_quant_per_token(x)
+    y.copy_(q)
+    max.copy_(absmax)
+
+
+@_kernel
+def matmul(*, x, w, out, x_trans=False, w_trans=True, alpha=1.0, beta=0.0, bias=None,
+           x_max=None, w_max=None, x_pc_max=None, w_pc_max=None) -> None:  # fmt: skip
+    """out = x @ w^T for int8 x [M, K] and w [N, K] (w_trans=True), scaled by
+    x_pc_max [M, 1] / 127 per row and w_pc_max [N] / 127 per column, plus the fp32 bias.
+    Only the symmetric W8A8 form is modeled (not the float GEMM, not beta=1 accumulation)."""
+    _tensor("x", x, 2)
+    _int8("x", x)
+    _tensor("w", w, 2)
+    _int8("w", w)
+    _expect(x_trans is False and w_trans is True, "only x_trans=False, w_trans=True is modeled")
+    rows, depth = x.shape
+    channels = w.shape[0]
+    _expect(w.shape[1] == depth, f"w must be [N, {depth}] (w_trans=True), got {tuple(w.shape)}")
+    _expect(alpha == 1.0 and beta == 0.0, "only alpha=1.0, beta=0.0 is modeled")
+    _not_modeled("x_max", x_max)
+    _not_modeled("w_max", w_max)
+    _expect(x_pc_max is not None and w_pc_max is not None, "W8A8 needs x_pc_max and w_pc_max")
+    _tensor("x_pc_max", x_pc_max)
+    _floating("x_pc_max", x_pc_max, torch.float32)
+    _expect(tuple(x_pc_max.shape) == (rows, 1), f"x_pc_max must be [M={rows}, 1] per token")
+    _tensor("w_pc_max", w_pc_max, 1)
+    _floating("w_pc_max", w_pc_max, torch.float32)
+    _expect(w_pc_max.numel() == channels, f"w_pc_max must be [N={channels}] per channel")
+    if bias is not None:
+        _tensor("bias", bias, 1)
+        _floating("bias", bias, torch.float32)
+        _expect(bias.numel() == channels, f"bias must be [N={channels}]")
+    _tensor("out", out)
+    _floating("out", out)
+    _expect(
+        tuple(out.shape) == (rows, channels), f"out must be preallocated as ({rows}, {channels})"
+    )
+    out.copy_(quant.int8_scaled_mm(x, x_pc_max, w, w_pc_max, None, bias, out.dtype))

@@ -13,7 +13,8 @@ import torch
 
 Make = Callable[[torch.dtype, torch.device, torch.Generator], tuple]
 
-#: (atol, rtol) per dtype: passes when max |got - want| <= atol + rtol * max |want|.
+#: (atol, rtol) per dtype: floating outputs pass when max |got - want| <= atol + rtol * max |want|
+#: (integer outputs are compared on their own, against Case.integer_tolerance).
 TOLERANCE: dict[torch.dtype, tuple[float, float]] = {
     torch.float32: (1e-5, 1e-4),
     torch.bfloat16: (1e-2, 2e-2),
@@ -29,6 +30,9 @@ class Case:
     big: bool = False
     #: Per-dtype (atol, rtol) overrides of TOLERANCE.
     tolerance: dict[torch.dtype, tuple[float, float]] | None = None
+    #: Largest |got - want| allowed in integer outputs (ids, quantized values): exact unless
+    #: a case says otherwise, whatever the dtype.
+    integer_tolerance: int = 0
 
     def tolerance_for(self, dtype: torch.dtype) -> tuple[float, float]:
         return (self.tolerance or {}).get(dtype, TOLERANCE[dtype])

@@ -2,9 +2,11 @@
 
 For each case and dtype, the case's arguments are built on the device; the oracle gets the same
 values widened to float64 on the host and runs the family's reference kernel. The outputs (the
-returned tensor, or the arguments the op mutates) are compared as
-max |got - want| <= atol + rtol * max |want|. One call is watched for host syncs; further calls
-give the median time; on a device with graphs, one capture is tried.
+returned tensors, or the arguments the op mutates) are compared as
+max |got - want| <= atol + rtol * max |want| over the floating outputs, and as
+max |got - want| <= the case's integer_tolerance (default 0: equal) over the integer ones (ids,
+quantized values). One call is watched for host syncs; further calls give the median time; on
+a device with graphs, one capture is tried.
 """
 
 import importlib
@@ -71,16 +73,31 @@ def _outputs(spec: OpSpec, args: tuple, returned) -> list[torch.Tensor]:
     return [t for t in mutated if t is not None]  # an optional output may be absent
 
 
-def _errors(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[float, float]:
-    """(max |got - want|, max |want|) over all outputs."""
-    max_abs, scale = 0.0, 0.0
+@dataclass
+class _Errors:
+    floating: float = 0.0  # max |got - want| over the floating outputs
+    scale: float = 0.0  # max |want| over the floating outputs
+    integer: float = 0.0  # max |got - want| over the integer outputs
+    integer_scale: float = 0.0  # max |want| over the integer outputs
+
+
+def _errors(got: list[torch.Tensor], want: list[torch.Tensor]) -> _Errors:
+    """Floating and integer outputs apart: an integer output (ids, quantized values) is judged
+    on its own, not against a tolerance scaled by its magnitude."""
+    errors = _Errors()
     for g, w in zip(got, want, strict=True):
         if g.shape != w.shape:
             raise AssertionError(f"output shape {tuple(g.shape)}, expected {tuple(w.shape)}")
-        diff = (g.detach().to("cpu", torch.float64) - w).abs()
-        max_abs = max(max_abs, float(diff.max()) if diff.numel() else 0.0)
-        scale = max(scale, float(w.abs().max()) if w.numel() else 0.0)
-    return max_abs, scale
+        want64 = w.to(torch.float64)
+        diff = (g.detach().to("cpu", torch.float64) - want64).abs()
+        error = float(diff.max()) if diff.numel() else 0.0
+        scale = float(want64.abs().max()) if w.numel() else 0.0
+        if w.is_floating_point():
+            errors.floating, errors.scale = max(errors.floating, error), max(errors.scale, scale)
+        else:
+            errors.integer = max(errors.integer, error)
+            errors.integer_scale = max(errors.integer_scale, scale)
+    return errors
 
 
 def _synchronize(device: torch.device) -> None:
@@ -135,13 +152,20 @@ def run_case(spec: OpSpec, case: Case, dtype_name: str, provider: Provider,
             returned = kernel(*args)
         _synchronize(device)
         result.host_syncs = syncs.total
-        error, scale = _errors(_outputs(spec, args, returned), want)
+        errors = _errors(_outputs(spec, args, returned), want)
+        error = max(errors.floating, errors.integer)
+        scale = max(errors.scale, errors.integer_scale)
         result.max_abs_error = error
         result.max_rel_error = error / scale if scale else error
-        passed = error <= atol + rtol * scale
-        result.status = PASS if passed else FAIL
-        if not passed:
-            result.message = f"error {error:.3g} > {atol} + {rtol} x {scale:.3g}"
+        floating_ok = errors.floating <= atol + rtol * errors.scale
+        integer_ok = errors.integer <= case.integer_tolerance
+        result.status = PASS if floating_ok and integer_ok else FAIL
+        if not floating_ok:
+            result.message = f"error {errors.floating:.3g} > {atol} + {rtol} x {errors.scale:.3g}"
+        if not integer_ok:
+            result.message = (f"{result.message}; " if result.message else "") + (
+                f"integer outputs differ by {errors.integer:g} > {case.integer_tolerance}"
+            )
         result.median_ms = _median_ms(kernel, args, device, repeats)
         result.graph_capturable = _graph_capturable(kernel, args, device)
     except NotImplementedError as error:

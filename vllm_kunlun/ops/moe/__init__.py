@@ -4,10 +4,13 @@ Weight layout is vLLM's: w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, 
 experts on this rank (E local experts); `expert_map` [E_global] maps a global expert id to its
 local index, -1 when the expert lives on another rank. Routing runs in float32 and returns
 (weights float32 [T, k], ids int32 [T, k]), contiguous, each row in descending order of the
-score experts are chosen by (ties: the lower expert id first).
+score experts are chosen by (ties: the lower expert id first). The W8A8 experts take int8
+weights in the same layout with their per-output-channel absmax (Kunlun's convention, see the
+quant family: scale = absmax / 127).
 
 Declarations only: the kernels are in reference.py (the specification, also the emulated
-device's kernel) and kunlun.py (the Kunlun binding).
+device's kernel), compiled.py (the emulated device's fast experts) and kunlun.py (the Kunlun
+binding).
 """
 
 import torch
@@ -74,3 +77,26 @@ def moe_experts(
     nothing) or None (ids are local). activation: "silu", "gelu" (erf) or "gelu_tanh", vLLM's
     names. With apply_router_weight_on_input, x_t is scaled by w_tj (rounded to x's dtype)
     before the MLP instead of the output after it; top_k must then be 1."""
+
+
+@kernel_op(fake=_experts_fake)
+def moe_experts_w8a8(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w13_absmax: torch.Tensor,
+    w2: torch.Tensor,
+    w2_absmax: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None,
+    activation: str,
+    apply_router_weight_on_input: bool,
+) -> torch.Tensor:
+    """W8A8 int8 experts (compressed-tensors W8A8 MoE, Kunlun moe_fc with x/w_perchannel_max):
+    as moe_experts, with each expert's MLP on its rows x [n, H]:
+    x_q, x_max = int8_quant_per_token(x); h = int8 GEMM of x_q and w13[e] (int8 [2I, H]) scaled by
+    x_max / 127 and w13_absmax[e] / 127 (float32 [2I]), rounded to x's dtype; a = act(gate) * up
+    (gated_activation); a_q, a_max = int8_quant_per_token(a); y = the same GEMM with w2[e] (int8
+    [H, I]) and w2_absmax[e] (float32 [H]), rounded to x's dtype. Routing weights, expert map,
+    apply_router_weight_on_input and the combine are moe_experts'. w13_absmax [E, 2I] and
+    w2_absmax [E, H] are the per-output-channel absmax (checkpoint scale x 127)."""

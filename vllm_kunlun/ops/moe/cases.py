@@ -1,6 +1,8 @@
 """check-kernels cases of the MoE family: one token, fewer tokens than experts, top_k = experts,
 idle experts, strided hidden states, sizes that are not powers of two, an expert map with remote
-experts, grouped routing with and without a bias under both scorings, and large batches.
+experts, grouped routing with and without a bias under both scorings, and large batches; the
+W8A8 experts' cases mirror the experts' (int8 weights in [-127, 127], random float32 absmax per
+output channel) and add a token of zeros.
 
 Router logits are a random permutation per token of distinct multiples of 1/64 (exact in every
 dtype), so no two experts tie and the chosen ids do not depend on the dtype or on the order of
@@ -9,7 +11,7 @@ float32 rounding.
 
 import torch
 
-from vllm_kunlun.ops.check.case import Case, int_tensor, randn, wide_view
+from vllm_kunlun.ops.check.case import TOLERANCE, Case, int_tensor, randn, wide_view
 
 
 def distinct_logits(tokens: int, experts: int, dtype, device, g) -> torch.Tensor:
@@ -44,8 +46,10 @@ def _routing(tokens: int, experts: int, top_k: int, g, idle: tuple[int, ...] = (
 
 
 def _experts(tokens, experts, top_k, hidden, inter, activation="silu", idle=(), strided=False,
-             expert_map=None, on_input=False):  # fmt: skip
-    """expert_map: the local experts' global ids (the others are remote), or None."""
+             expert_map=None, on_input=False, w8a8=False, zero_row=None):  # fmt: skip
+    """expert_map: the local experts' global ids (the others are remote), or None. w8a8: the
+    arguments of moe_experts_w8a8 (int8 weights and their float32 absmax), else moe_experts'.
+    zero_row: a token whose hidden state is all zeros."""
 
     def make(dtype, device, g):
         global_experts = experts if expert_map is None else max(expert_map) + 2
@@ -54,8 +58,14 @@ def _experts(tokens, experts, top_k, hidden, inter, activation="silu", idle=(), 
             x = wide_view(tokens, hidden, dtype, device, g)
         else:
             x = randn((tokens, hidden), dtype, device, g)
-        w13 = randn((local, 2 * inter, hidden), dtype, device, g, hidden**-0.5)
-        w2 = randn((local, hidden, inter), dtype, device, g, inter**-0.5)
+        if zero_row is not None:
+            x[zero_row] = 0.0
+        if w8a8:
+            w13, w13_absmax = _int8_weight((local, 2 * inter, hidden), device, g)
+            w2, w2_absmax = _int8_weight((local, hidden, inter), device, g)
+        else:
+            w13 = randn((local, 2 * inter, hidden), dtype, device, g, hidden**-0.5)
+            w2 = randn((local, hidden, inter), dtype, device, g, inter**-0.5)
         weights, ids = _routing(tokens, global_experts, top_k, g, idle)
         mapping = None
         if expert_map is not None:
@@ -63,9 +73,37 @@ def _experts(tokens, experts, top_k, hidden, inter, activation="silu", idle=(), 
             for index, global_id in enumerate(expert_map):
                 table[global_id] = index
             mapping = int_tensor(table, device)
-        return (x, w13, w2, weights.to(device), ids.to(device), mapping, activation, on_input)
+        routing = (weights.to(device), ids.to(device), mapping, activation, on_input)
+        if w8a8:
+            return (x, w13, w13_absmax, w2, w2_absmax, *routing)
+        return (x, w13, w2, *routing)
 
     return make
+
+
+def _int8_weight(shape: tuple[int, int, int], device, g) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weights in [-127, 127], float32 absmax per expert and output channel [E, N]) whose
+    dequantized rows have a standard deviation of about K^-0.5, like the float cases'."""
+    experts, channels, depth = shape
+    w = torch.randint(-127, 128, shape, generator=g, dtype=torch.int8)
+    absmax = (torch.rand(experts, channels, generator=g) + 0.5) * 2 * depth**-0.5
+    return w.to(device), absmax.to(device)
+
+
+#: moe_experts_w8a8: TOLERANCE plus 1e-2 x max |want| in rtol. The activation a is quantized
+#: again inside the op, so an h or a that differs from the oracle's in the last bit (the kernel
+#: rounds both to the case's dtype, the float64 oracle does not; a device computes them in
+#: another order) may round a quantized value the other way at a near-tie, moving the output by
+#: up to one step a_max * w2_absmax / 127, 0.3-0.8 % of max |want| in these cases: 1e-2 allows
+#: about two. The random float16 cases need it: their rounding of h and a alone moves quotients
+#: by up to 127 * 2^-11.
+W8A8_TOLERANCE = {dtype: (atol, rtol + 1e-2) for dtype, (atol, rtol) in TOLERANCE.items()}
+
+
+def _w8a8(name: str, sizes: tuple[int, int, int, int, int], big: bool = False, **options):
+    """A moe_experts_w8a8 case: sizes = (tokens, experts, top_k, hidden, inter)."""
+    make = _experts(*sizes, w8a8=True, **options)
+    return Case(name, make, big=big, tolerance=W8A8_TOLERANCE)
 
 
 CASES = {
@@ -99,5 +137,19 @@ CASES = {
         Case("gelu_tanh", _experts(5, 6, 2, 48, 24, activation="gelu_tanh")),
         Case("router weight on input, top 1", _experts(6, 5, 1, 64, 32, on_input=True)),
         Case("512 tokens, 32 experts, top 4", _experts(512, 32, 4, 1024, 512), big=True),
+    ],
+    "moe_experts_w8a8": [
+        _w8a8("1 token, 4 experts, top 2", (1, 4, 2, 64, 32)),
+        _w8a8("3 tokens < 16 experts", (3, 16, 2, 64, 48)),
+        _w8a8("top_k = experts (4)", (5, 4, 4, 32, 16)),
+        _w8a8("experts 1 and 6 idle", (9, 8, 2, 64, 32), idle=(1, 6)),
+        _w8a8("strided hidden states", (6, 8, 2, 64, 32), strided=True),
+        _w8a8("6 experts, top 3, 72 x 40", (7, 6, 3, 72, 40)),
+        _w8a8("expert map, 4 of 10 local", (8, 4, 3, 64, 32), expert_map=[2, 3, 7, 8]),
+        _w8a8("gelu (erf)", (5, 6, 2, 48, 24), activation="gelu"),
+        _w8a8("gelu_tanh", (5, 6, 2, 48, 24), activation="gelu_tanh"),
+        _w8a8("router weight on input, top 1", (6, 5, 1, 64, 32), on_input=True),
+        _w8a8("a token of zeros", (5, 6, 2, 64, 32), zero_row=2),
+        _w8a8("512 tokens, 32 experts, top 4", (512, 32, 4, 1024, 512), big=True),
     ],
 }

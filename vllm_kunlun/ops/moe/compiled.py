@@ -8,6 +8,10 @@ inductor uses for frozen CPU weights) and the packed copy is kept: a second copy
 weights in host memory. Grouping by expert, the activation and the weighted combine are the
 reference's (`reference.grouped_experts`). Other dtypes, and hosts whose torch has no oneDNN
 bfloat16, run the reference. Routing runs the reference: it is not where the time goes.
+
+The W8A8 experts are the reference's expert MLP (`reference.w8a8_expert_mlp`) with the quant
+family's fast int8 GEMM (torch._int_mm on the host, the reference elsewhere), which gives
+bitwise the reference's GEMM: the result is bitwise the reference's.
 """
 
 import functools
@@ -16,6 +20,7 @@ import weakref
 import torch
 
 from vllm_kunlun.ops.moe import reference
+from vllm_kunlun.ops.quant import compiled as quant_compiled
 
 #: Token count oneDNN picks the packed layout for: a decode step's tokens per expert.
 PACKING_BATCH = 8
@@ -107,6 +112,33 @@ def moe_experts(
         gate_up = linear(rows, gate_up_weights[expert])
         return linear(reference.gated_activation(gate_up, activation), down_weights[expert])
 
+    return reference.grouped_experts(
+        hidden_states,
+        w13.shape[0],
+        expert_mlp,
+        topk_weights,
+        topk_ids,
+        expert_map,
+        apply_router_weight_on_input,
+    )
+
+
+def moe_experts_w8a8(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w13_absmax: torch.Tensor,
+    w2: torch.Tensor,
+    w2_absmax: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None,
+    activation: str,
+    apply_router_weight_on_input: bool,
+) -> torch.Tensor:
+    reference.check_activation(activation)
+    expert_mlp = reference.w8a8_expert_mlp(
+        w13, w13_absmax, w2, w2_absmax, activation, quant_compiled.int8_scaled_mm
+    )
     return reference.grouped_experts(
         hidden_states,
         w13.shape[0],

@@ -25,6 +25,17 @@ sorted_tokens_num_lod [E+1]), `moe_fc` with w13 into y [M, k, 2I] (keywords, `ac
 the activation, `moe_fc` with w2 into [M, k, H], and `moe_post` (positional: x, moe_index
 viewed [M, k], normed_scale float32 [M, k], dequant_scale ones float32 [M, k], y [M, H]).
 
+W8A8 experts (`moe_experts_w8a8`), the recorded compressed-tensors W8A8 MoE path (§2f) on the
+same sort and combine: `quant2d` on moe_expand (through the quant family's binding:
+`quant2d(x=, y=, max=, force_sdnn=True)` into x_q int8 [M·k, H] and x_max float32 [M·k, 1]),
+`moe_fc(x=x_q, weight=w13 int8, sorted_tokens_num_lod=, sorted_tokens_idx=, moe_topk=, y=
+[M, k, 2I] in the activation dtype, x_perchannel_max=x_max, w_perchannel_max=w13_absmax
+float32 [E, 2I], topk_ids=the local ids int32 [M, k], act=None)`, the activation as above
+(`swiglu` or PyTorch), a second `quant2d` on it viewed [M·k, I], the second `moe_fc` with w2
+int8 and w2_absmax float32 [E, H] into [M, k, H], and `moe_post` with dequant_scale ones. The
+weight absmaxes are the checkpoint scales × 127, as the recorded plugin multiplies them at load
+(C4); the op takes them so.
+
 Every tensor handed over is contiguous (C1), index tensors are int32 (C5) and every output is
 preallocated here (C2). "The other revision" below is baidu/vLLM-Kunlun `ops/_kunlun_ops.py` at
 00db81a, a revision KUNLUN.md does not record; the facts taken from it are marked.
@@ -51,12 +62,25 @@ Assumptions (KUNLUN.md §4 and inferred behaviour):
   work and contribute exactly 0 as long as that expert's output is finite.
 - apply_router_weight_on_input scales x in PyTorch before the kernels; moe_post then gets
   weights of 1 (0 for remote slots).
+- W8A8 moe_fc (inferred from the recorded call, which passes the per-token max of quant2d and
+  vLLM's channel-wise weight scale [E, N, 1] × 127): with an int8 x and weight, x_perchannel_max
+  is the absmax per row of the sorted x [M·k, 1] (row p of x, not token t), w_perchannel_max
+  for the 3-D weight [E, N, K] is float32 [E, N] (one per expert and output channel; the same
+  memory as vLLM's [E, N, 1]), and y row p = sum_k x_q[p, k] w[e, n, k] (exact) ×
+  x_max[p] / 127 × w_max[e, n] / 127, rounded once to y's dtype, like the quant family's
+  int8_scaled_mm. What moe_fc reads topk_ids for (with sort_mode=True, the default) is not
+  recorded; the recorded call passes the routing's ids, so the local ids [M, k] the sort used
+  are passed. quant2d's behaviour is the quant family binding's assumption.
 """
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from vllm_kunlun.ops.kunlun_library import check_keywords, dense, function, library
 from vllm_kunlun.ops.moe import reference
+from vllm_kunlun.ops.quant import kunlun as quant_kunlun
 
 #: Rows of every block_statistic tensor, as the recorded plugin hard-codes them (§4.10).
 BLOCK_STATISTIC_ROWS = 12
@@ -69,7 +93,8 @@ KEYWORDS = {
     "moe_sigmoid_group_topk_norm": (
         "x", "norm_score", "topk_index", "block_static", "bias", "n_group", "topk_group", "scale",
     ),
-    "moe_fc": ("x", "weight", "sorted_tokens_num_lod", "sorted_tokens_idx", "moe_topk", "y"),
+    "moe_fc": ("x", "weight", "sorted_tokens_num_lod", "sorted_tokens_idx", "moe_topk", "y",
+               "x_perchannel_max", "w_perchannel_max", "topk_ids", "act"),
     "swiglu": ("x", "y"),
 }  # fmt: skip
 #: moe_softmax_topk_norm's `stable` argument (see the module docstring).
@@ -165,23 +190,51 @@ def _kernel_routing(
     return dense(weights.masked_fill(remote, 0.0)), dense(ids)
 
 
-def moe_experts(
+@dataclass(frozen=True)
+class _Sorted:
+    """The (token, slot) rows sorted by expert (moe_pre_sorted's outputs), which both moe_fc
+    calls and moe_post share."""
+
+    rows: torch.Tensor  # moe_expand [M·k, H]
+    index: torch.Tensor  # moe_index int32 [M·k]
+    lod: torch.Tensor  # sorted_tokens_num_lod int32 [E+1]
+    ids: torch.Tensor  # local expert ids int32 [M, k]
+    tokens: int
+    top_k: int
+
+    def fc_keywords(self) -> dict:
+        return {"sorted_tokens_num_lod": self.lod, "sorted_tokens_idx": self.index,
+                "moe_topk": self.top_k}  # fmt: skip
+
+    def new_output(self, width: int) -> torch.Tensor:
+        """A moe_fc output y [M, k, width] in the activation dtype."""
+        rows = self.rows
+        return torch.empty(self.tokens, self.top_k, width, dtype=rows.dtype, device=rows.device)
+
+
+def _activate(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up on moe_fc's [M, k, 2I]: `swiglu` for silu, PyTorch on the XPU otherwise."""
+    if activation != "silu":  # no recorded kernel
+        return reference.gated_activation(gate_up, activation)
+    act = gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+    library().swiglu(x=gate_up, y=act)
+    return act
+
+
+def _sorted_experts(
     hidden_states: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
+    experts: int,
+    mlp: Callable[[_Sorted], torch.Tensor],
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     expert_map: torch.Tensor | None,
     activation: str,
     apply_router_weight_on_input: bool,
 ) -> torch.Tensor:
+    """The recorded large-batch path around an expert MLP: gen_block_statistic and
+    moe_pre_sorted, `mlp` (its moe_fc calls, -> [M, k, H]), then moe_post."""
     tokens, top_k = topk_ids.shape
-    experts, gate_up_size, hidden = w13.shape
-    if experts > MAX_KERNEL_EXPERTS:
-        return reference.moe_experts(
-            hidden_states, w13, w2, topk_weights, topk_ids, expert_map, activation,
-            apply_router_weight_on_input,
-        )  # fmt: skip
+    hidden = hidden_states.shape[1]
     reference.check_activation(activation)
     x = hidden_states
     if apply_router_weight_on_input:
@@ -202,19 +255,82 @@ def moe_experts(
     lod = torch.empty(experts + 1, dtype=torch.int32, device=device)
     library().moe_pre_sorted(x, ids, block_statistic, moe_expand, moe_index, expert_m, lod)
 
-    gate_up = torch.empty(tokens, top_k, gate_up_size, dtype=dtype, device=device)
-    library().moe_fc(x=moe_expand, weight=dense(w13), sorted_tokens_num_lod=lod,
-                     sorted_tokens_idx=moe_index, moe_topk=top_k, y=gate_up)  # fmt: skip
-    if activation == "silu":
-        act = torch.empty(tokens, top_k, gate_up_size // 2, dtype=dtype, device=device)
-        library().swiglu(x=gate_up, y=act)
-    else:  # no recorded kernel: PyTorch on the XPU
-        act = reference.gated_activation(gate_up, activation)
-
-    expert_out = torch.empty(tokens, top_k, hidden, dtype=dtype, device=device)
-    library().moe_fc(x=act.view(slots, -1), weight=dense(w2), sorted_tokens_num_lod=lod,
-                     sorted_tokens_idx=moe_index, moe_topk=top_k, y=expert_out)  # fmt: skip
+    expert_out = mlp(_Sorted(moe_expand, moe_index, lod, ids, tokens, top_k))
     out = torch.empty(tokens, hidden, dtype=dtype, device=device)
     dequant_scale = torch.ones(tokens, top_k, dtype=torch.float32, device=device)
     library().moe_post(expert_out, moe_index.view(tokens, top_k), weights, dequant_scale, out)
     return out
+
+
+def moe_experts(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None,
+    activation: str,
+    apply_router_weight_on_input: bool,
+) -> torch.Tensor:
+    experts, gate_up_size, hidden = w13.shape
+    if experts > MAX_KERNEL_EXPERTS:
+        return reference.moe_experts(
+            hidden_states, w13, w2, topk_weights, topk_ids, expert_map, activation,
+            apply_router_weight_on_input,
+        )  # fmt: skip
+
+    def mlp(s: _Sorted) -> torch.Tensor:
+        gate_up = s.new_output(gate_up_size)
+        library().moe_fc(x=s.rows, weight=dense(w13), y=gate_up, **s.fc_keywords())
+        act = _activate(gate_up, activation)
+        expert_out = s.new_output(hidden)
+        library().moe_fc(x=act.view(-1, act.shape[-1]), weight=dense(w2), y=expert_out,
+                         **s.fc_keywords())  # fmt: skip
+        return expert_out
+
+    return _sorted_experts(hidden_states, experts, mlp, topk_weights, topk_ids, expert_map,
+                           activation, apply_router_weight_on_input)  # fmt: skip
+
+
+def _channel_max(absmax: torch.Tensor, experts: int, channels: int) -> torch.Tensor:
+    """A per-output-channel absmax as moe_fc's w_perchannel_max: float32 [E, N], contiguous."""
+    return dense(absmax.float().reshape(experts, channels))
+
+
+def moe_experts_w8a8(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w13_absmax: torch.Tensor,
+    w2: torch.Tensor,
+    w2_absmax: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None,
+    activation: str,
+    apply_router_weight_on_input: bool,
+) -> torch.Tensor:
+    experts, gate_up_size, hidden = w13.shape
+    if experts > MAX_KERNEL_EXPERTS:
+        return reference.moe_experts_w8a8(
+            hidden_states, w13, w13_absmax, w2, w2_absmax, topk_weights, topk_ids, expert_map,
+            activation, apply_router_weight_on_input,
+        )  # fmt: skip
+
+    def mlp(s: _Sorted) -> torch.Tensor:
+        x_q, x_max = quant_kunlun.int8_quant_per_token(s.rows)  # quant2d
+        gate_up = s.new_output(gate_up_size)
+        library().moe_fc(x=x_q, weight=dense(w13), y=gate_up, **s.fc_keywords(),
+                         x_perchannel_max=x_max,
+                         w_perchannel_max=_channel_max(w13_absmax, experts, gate_up_size),
+                         topk_ids=s.ids, act=None)  # fmt: skip
+        act = _activate(gate_up, activation)
+        a_q, a_max = quant_kunlun.int8_quant_per_token(act)  # quant2d on [M·k, I]
+        expert_out = s.new_output(hidden)
+        library().moe_fc(x=a_q, weight=dense(w2), y=expert_out, **s.fc_keywords(),
+                         x_perchannel_max=a_max,
+                         w_perchannel_max=_channel_max(w2_absmax, experts, hidden),
+                         topk_ids=s.ids, act=None)  # fmt: skip
+        return expert_out
+
+    return _sorted_experts(hidden_states, experts, mlp, topk_weights, topk_ids, expert_map,
+                           activation, apply_router_weight_on_input)  # fmt: skip

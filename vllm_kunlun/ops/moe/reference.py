@@ -10,12 +10,18 @@ activation itself computed in float32 and rounded once), puts the weighted resul
 on the host is an order of magnitude slower). Looping over the experts needs their token
 counts on the host: that is one host sync per call (one `.tolist()`; the aten-level sync
 counter does not see it), the only one in this family.
+
+`moe_experts_w8a8` is the same grouping around a W8A8 expert MLP built from the quant family's
+reference kernels: each row quantized per token, the int8 GEMMs scaled in float32 and rounded
+to the activation dtype, the gated activation quantized again before the down GEMM.
 """
 
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from vllm_kunlun.ops.quant import reference as quant
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -136,6 +142,48 @@ def moe_experts(
     def expert_mlp(expert: int, rows: torch.Tensor) -> torch.Tensor:
         return gated_activation(rows @ w13[expert].t(), activation) @ w2[expert].t()
 
+    return grouped_experts(hidden_states, w13.shape[0], expert_mlp, topk_weights, topk_ids,
+                           expert_map, apply_router_weight_on_input)  # fmt: skip
+
+
+#: The quant family's W8A8 GEMM: (x_q, x_absmax, w_q, w_absmax, x_zero_point, bias, out_dtype).
+ScaledMM = Callable[..., torch.Tensor]
+
+
+def w8a8_expert_mlp(
+    w13: torch.Tensor,
+    w13_absmax: torch.Tensor,
+    w2: torch.Tensor,
+    w2_absmax: torch.Tensor,
+    activation: str,
+    scaled_mm: ScaledMM = quant.int8_scaled_mm,
+) -> ExpertMLP:
+    """One expert's W8A8 gated MLP on its rows, with `scaled_mm` as the int8 GEMM."""
+
+    def expert_mlp(expert: int, rows: torch.Tensor) -> torch.Tensor:
+        x_q, x_max = quant.int8_quant_per_token(rows)
+        gate_up = scaled_mm(x_q, x_max, w13[expert], w13_absmax[expert], None, None, rows.dtype)
+        a_q, a_max = quant.int8_quant_per_token(gated_activation(gate_up, activation))
+        return scaled_mm(a_q, a_max, w2[expert], w2_absmax[expert], None, None, rows.dtype)
+
+    return expert_mlp
+
+
+def moe_experts_w8a8(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w13_absmax: torch.Tensor,
+    w2: torch.Tensor,
+    w2_absmax: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None,
+    activation: str,
+    apply_router_weight_on_input: bool,
+) -> torch.Tensor:
+    """`moe_experts` with mlp_e(x) = W8A8(quant(act(W8A8(quant(x), w13[e]))), w2[e])."""
+    check_activation(activation)
+    expert_mlp = w8a8_expert_mlp(w13, w13_absmax, w2, w2_absmax, activation)
     return grouped_experts(hidden_states, w13.shape[0], expert_mlp, topk_weights, topk_ids,
                            expert_map, apply_router_weight_on_input)  # fmt: skip
 

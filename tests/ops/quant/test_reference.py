@@ -1,0 +1,327 @@
+"""The quantization family's reference kernels (vllm_kunlun/ops/quant/reference.py) against
+plain float64 / integer formulas (tests/ops/quant/shared.py): per-token and static int8
+quantization (rounding half to even, the clamp, zero rows, ties, the dequantization error) and
+the W8A8 GEMM (exact accumulation, zero points, per-tensor and per-token absmax, bias), across
+fp32/bf16/fp16 and awkward shapes; the custom ops' fake implementations; no host syncs; and
+check-kernels' comparison of quantized (integer) outputs."""
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.library import opcheck
+
+from tests.ops.helpers import DTYPES, assert_close_to
+from tests.ops.quant.shared import (
+    MM_CASES,
+    assert_quantized,
+    mm_inputs,
+    plain_per_token,
+    plain_scaled_mm,
+    plain_static,
+    round_half_even,
+    ties,
+)
+from vllm_kunlun.ops.check.runner import FAIL, PASS, cases_by_op, run_case
+from vllm_kunlun.ops.check.syncs import HostSyncCounter
+from vllm_kunlun.ops.provider import Provider, declared_ops
+from vllm_kunlun.ops.quant import reference
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_the_plain_rounding_is_half_to_even():
+    values = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 2.4999, 2.5001, -3.7])
+    assert round_half_even(values.double()).tolist() == [-2, -2, -0, 0, 2, 2, 2, 3, -4]
+
+
+# Per-token quantization ----------------------------------------------------------------------
+
+TOKEN_SHAPES = [(1, 64), (7, 1), (5, 999), (4, 33), (2, 3, 96), (6, 4096)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", TOKEN_SHAPES, ids=str)
+def test_per_token(dtype, shape):
+    x = (torch.randn(shape) * 3).to(dtype)
+    q, absmax = reference.int8_quant_per_token(x)
+    want_q, want_absmax, quotient = plain_per_token(x)
+    assert absmax.dtype == torch.float32 and absmax.is_contiguous()
+    assert absmax.shape == want_absmax.shape == (x.numel() // shape[-1], 1)
+    assert torch.equal(absmax.double(), want_absmax)  # the max of exact values: exact
+    assert_quantized(q, want_q, quotient)
+    assert bool((q.abs().amax(dim=-1) == 127).all())  # each row's largest value maps to +-127
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_token_non_contiguous_input(dtype):
+    for x in (torch.randn(6, 80).to(dtype)[:, 16:], torch.randn(64, 6).to(dtype).t(),
+              torch.randn(2, 5, 48).to(dtype).transpose(0, 1)):  # fmt: skip
+        assert not x.is_contiguous()
+        q, absmax = reference.int8_quant_per_token(x)
+        want_q, want_absmax, quotient = plain_per_token(x)
+        assert_quantized(q, want_q, quotient)
+        assert torch.equal(absmax.double(), want_absmax)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_token_rows_of_zeros(dtype):
+    x = torch.randn(4, 40).to(dtype)
+    x[1] = 0.0
+    x[3] = -0.0
+    q, absmax = reference.int8_quant_per_token(x)
+    assert absmax[1].item() == absmax[3].item() == 0.0
+    assert not bool(q[1].any()) and not bool(q[3].any())
+    assert bool((absmax[[0, 2]] > 0).all())
+    q, absmax = reference.int8_quant_per_token(torch.zeros(3, 8, dtype=dtype))
+    assert not bool(q.any()) and not bool(absmax.any())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_token_half_way_ties_round_to_even(dtype):
+    x = ties(3).to(dtype)
+    q, absmax = reference.int8_quant_per_token(x)
+    assert torch.equal(absmax, torch.full((3, 1), 127.0))
+    assert torch.equal(q.long(), round_half_even(x.double()).long())  # exact, ties included
+    row = dict(zip(x[0].tolist(), q[0].tolist(), strict=True))
+    assert row[0.5] == 0 and row[1.5] == 2 and row[2.5] == 2 and row[-0.5] == 0
+    assert row[-1.5] == -2 and row[63.5] == 64 and row[127.0] == 127 and row[-127.0] == -127
+
+
+def test_per_token_values_at_the_absmax_and_a_tie_below_it():
+    """x / scale is 127 (or -127) exactly at the absmax; 1.0 / (2 / 127) = 63.5 is a tie."""
+    x = torch.tensor([[2.0, -2.0, 1.0, -1.0, 0.0]])
+    q, absmax = reference.int8_quant_per_token(x)
+    assert absmax.item() == 2.0
+    assert q.tolist() == [[127, -127, 64, -64, 0]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_token_dequantization_error_is_at_most_half_a_step(dtype):
+    x = (torch.randn(16, 300) * torch.rand(16, 1) * 10).to(dtype)
+    q, absmax = reference.int8_quant_per_token(x)
+    scale = absmax.double() / 127
+    error = (q.double() * scale - x.double()).abs()
+    assert bool((error <= scale / 2 * (1 + 1e-5)).all())
+
+
+# Static quantization -------------------------------------------------------------------------
+
+STATIC_CASES = [
+    # shape, scale, zero point
+    ((1, 64), 0.02, None),
+    ((7, 1), 0.05, 3),
+    ((5, 999), 0.015, -7),
+    ((4, 33), 0.004, 13),  # saturates at both ends
+    ((2, 3, 96), 0.02, -128),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", STATIC_CASES, ids=str)
+def test_static(dtype, case):
+    shape, scale, zero_point = case
+    x = (torch.randn(shape) * 2).to(dtype)
+    scale_t = torch.tensor([scale], dtype=torch.float32)
+    zp = None if zero_point is None else torch.tensor([zero_point], dtype=torch.int32)
+    got = reference.int8_quant_static(x, scale_t, zp)
+    want, quotient = plain_static(x, scale_t.item(), zero_point)  # the float32 scale's value
+    assert got.shape == (x.numel() // shape[-1], shape[-1])
+    assert_quantized(got, want, quotient)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_static_saturates_and_keeps_the_zero_point(dtype):
+    x = torch.tensor([[-1000.0, 1000.0, 0.0, -0.0]]).to(dtype)
+    scale = torch.tensor([0.5])
+    got = reference.int8_quant_static(x, scale, torch.tensor([5], dtype=torch.int32))
+    assert got.tolist() == [[-128, 127, 5, 5]]
+    assert reference.int8_quant_static(x, scale, None).tolist() == [[-128, 127, 0, 0]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("zero_point", [None, -3, 4])
+def test_static_half_way_ties_round_to_even_before_the_zero_point(dtype, zero_point):
+    x = (ties(2) * 0.25).to(dtype)  # x / 0.25 is k + 0.5 exactly
+    zp = None if zero_point is None else torch.tensor([zero_point], dtype=torch.int32)
+    got = reference.int8_quant_static(x, torch.tensor([0.25]), zp)
+    want = (round_half_even(x.double() / 0.25) + (zero_point or 0)).clamp(-128, 127)
+    assert torch.equal(got.long(), want.long())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_static_non_contiguous_input_and_dequantization_error(dtype):
+    x = torch.randn(6, 80).to(dtype)[:, 16:]
+    scale, zero_point = 0.03, -9
+    got = reference.int8_quant_static(x, torch.tensor([scale]), torch.tensor([zero_point],
+                                      dtype=torch.int32))  # fmt: skip
+    want, quotient = plain_static(x, torch.tensor(scale).item(), zero_point)
+    assert_quantized(got, want, quotient)
+    step = torch.tensor(scale).double()
+    inside = (got > -128) & (got < 127)
+    error = ((got.double() - zero_point) * step - x.double()).abs()[inside]
+    assert bool((error <= step / 2 * (1 + 1e-5)).all())
+
+
+# W8A8 GEMM -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", MM_CASES.values(), ids=MM_CASES.keys())
+def test_scaled_mm(dtype, case):
+    rows, depth, channels, options = case
+    args = mm_inputs(rows, depth, channels, dtype, **options)
+    got = reference.int8_scaled_mm(*args)
+    assert got.is_contiguous()
+    assert_close_to(got, plain_scaled_mm(*args[:6]), dtype)
+
+
+def test_scaled_mm_bias_and_output_dtypes_may_differ():
+    args = list(mm_inputs(3, 64, 8, torch.float32))
+    args[5] = args[5].to(torch.bfloat16)
+    got = reference.int8_scaled_mm(*args)
+    assert_close_to(got, plain_scaled_mm(*args[:6]), torch.float32)
+
+
+@pytest.mark.parametrize("zero_point", [None, -3])
+def test_scaled_mm_accumulates_exactly_at_large_k(zero_point):
+    """K = 8192 of +-127 / -128, mostly one sign: the sums exceed 2^24 (where float32 additions
+    round). With absmaxes of 127 the scales are exactly 1, so a float32 output must be the exact
+    integer sum rounded once."""
+    depth = 8192
+    signs = torch.where(torch.rand(5, depth) < 0.9, 1, -1)
+    values = (signs * 127).to(torch.int8)
+    values[1, ::7] = -128
+    x_q, w_q = values[:2], values[2:]
+    zp = None if zero_point is None else torch.tensor([zero_point], dtype=torch.int32)
+    got = reference.int8_scaled_mm(x_q, torch.full((2, 1), 127.0), w_q, torch.full((3,), 127.0),
+                                   zp, None, torch.float32)  # fmt: skip
+    exact = (x_q.long() - (zero_point or 0)) @ w_q.long().t()
+    assert int(exact.abs().min()) > 2**24
+    assert torch.equal(got, exact.to(torch.float32))
+
+
+def test_scaled_mm_scales_in_float32_and_rounds_once():
+    args = list(mm_inputs(4, 300, 24, torch.float32))
+    in_float32 = reference.int8_scaled_mm(*args)
+    for dtype in (torch.bfloat16, torch.float16):
+        args[-1] = dtype
+        assert torch.equal(reference.int8_scaled_mm(*args), in_float32.to(dtype))
+
+
+def test_scaled_mm_per_tensor_absmax_is_the_same_for_every_row():
+    x_q, _, w_q, w_absmax, _, bias, _ = mm_inputs(5, 64, 12, torch.bfloat16)
+    per_tensor = torch.tensor([[2.5]])
+    got = reference.int8_scaled_mm(x_q, per_tensor, w_q, w_absmax, None, bias, torch.bfloat16)
+    expanded = per_tensor.expand(5, 1).contiguous()
+    want = reference.int8_scaled_mm(x_q, expanded, w_q, w_absmax, None, bias, torch.bfloat16)
+    assert torch.equal(got, want)
+
+
+def test_scaled_mm_zero_row_gives_the_bias():
+    x_q, x_absmax, w_q, w_absmax, _, bias, _ = mm_inputs(3, 64, 12, torch.float32)
+    x_q[1], x_absmax[1] = 0, 0.0
+    got = reference.int8_scaled_mm(x_q, x_absmax, w_q, w_absmax, None, bias, torch.float32)
+    assert torch.equal(got[1], bias)
+
+
+# Zero tokens, host syncs ---------------------------------------------------------------------
+
+
+def test_zero_tokens():
+    q, absmax = reference.int8_quant_per_token(torch.randn(0, 64).bfloat16())
+    assert q.shape == (0, 64) and absmax.shape == (0, 1)
+    q = reference.int8_quant_static(torch.randn(0, 8), torch.tensor([0.1]), None)
+    assert q.shape == (0, 8) and q.dtype == torch.int8
+    args = mm_inputs(0, 64, 12, torch.bfloat16)
+    assert reference.int8_scaled_mm(*args).shape == (0, 12)
+
+
+def test_no_host_sync():
+    x = torch.randn(5, 300).bfloat16()
+    zp = torch.tensor([-4], dtype=torch.int32)
+    with HostSyncCounter() as counter:
+        reference.int8_quant_per_token(x)
+        reference.int8_quant_static(x, torch.tensor([0.02]), zp)
+        reference.int8_quant_static(x, torch.tensor([0.02]), None)
+        reference.int8_scaled_mm(*mm_inputs(5, 2100, 24, torch.bfloat16))
+        reference.int8_scaled_mm(*mm_inputs(5, 64, 24, torch.float16, zero_point=3))
+    assert counter.total == 0
+
+
+# The custom ops: fake implementations ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_opcheck(reference_ops, dtype):
+    per_token = torch.ops.kunlun.int8_quant_per_token.default
+    opcheck(per_token, (torch.randn(2, 3, 40).to(dtype),))
+    opcheck(per_token, (torch.randn(40, 6).to(dtype).t(),))
+    static = torch.ops.kunlun.int8_quant_static.default
+    opcheck(static, (torch.randn(2, 3, 40).to(dtype), torch.tensor([0.02]), None))
+    opcheck(static, (torch.randn(5, 40).to(dtype), torch.tensor([0.02]),
+                     torch.tensor([-3], dtype=torch.int32)))  # fmt: skip
+    mm = torch.ops.kunlun.int8_scaled_mm.default
+    opcheck(mm, mm_inputs(3, 64, 17, dtype))
+    opcheck(mm, mm_inputs(4, 40, 9, dtype, bias=False, zero_point=-5, per_tensor=True))
+    opcheck(mm, mm_inputs(1, 33, 5, torch.float32, strided=True))
+
+
+def test_fake_implementations_give_shapes_and_dtypes():
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 96, dtype=torch.bfloat16)
+        q, absmax = torch.ops.kunlun.int8_quant_per_token(x)
+        assert (q.shape, q.dtype) == ((6, 96), torch.int8)
+        assert (absmax.shape, absmax.dtype) == ((6, 1), torch.float32)
+        q = torch.ops.kunlun.int8_quant_static(x, torch.empty(1), None)
+        assert (q.shape, q.dtype) == ((6, 96), torch.int8)
+        x_q = torch.empty(6, 96, dtype=torch.int8)
+        w_q = torch.empty(37, 96, dtype=torch.int8)
+        out = torch.ops.kunlun.int8_scaled_mm(x_q, torch.empty(1, 1), w_q, torch.empty(37),
+                                              None, None, torch.float16)  # fmt: skip
+        assert (out.shape, out.dtype) == ((6, 37), torch.float16)
+
+
+def test_the_custom_ops_run_the_reference(reference_ops):
+    x = torch.randn(3, 50).bfloat16()
+    for got, want in zip(torch.ops.kunlun.int8_quant_per_token(x),
+                         reference.int8_quant_per_token(x), strict=True):  # fmt: skip
+        assert torch.equal(got, want)
+    args = mm_inputs(3, 50, 7, torch.bfloat16, zero_point=2, per_tensor=True)
+    assert torch.equal(torch.ops.kunlun.int8_scaled_mm(*args), reference.int8_scaled_mm(*args))
+    assert declared_ops()["int8_scaled_mm"].family == "quant"
+
+
+# check-kernels: quantized values are integer outputs -------------------------------------------
+
+
+def _off_by(amount: int):
+    def kernel(x):
+        q, absmax = reference.int8_quant_per_token(x)
+        q = q.clone()
+        q.view(-1)[0] += amount if q.view(-1)[0] < 127 - amount else -amount
+        return q, absmax
+
+    return kernel
+
+
+@pytest.mark.parametrize(
+    ("case_name", "amount", "status"),
+    [
+        ("5 x 999 (odd K)", 1, PASS),  # a near-tie may round either way in another kernel
+        ("5 x 999 (odd K)", 2, FAIL),
+        ("half-way ties", 1, FAIL),  # exact ties must round half to even
+        ("half-way ties", 0, PASS),
+    ],
+)
+def test_check_kernels_judges_quantized_values_on_their_own(case_name, amount, status):
+    """Not scaled by their magnitude (127) with the dtype's rtol: int8 q must match exactly, or
+    by one where a case allows it."""
+    provider = Provider("reference")
+    provider.kernels["int8_quant_per_token"] = _off_by(amount)
+    case = next(c for c in cases_by_op()["int8_quant_per_token"] if c.name == case_name)
+    spec = declared_ops()["int8_quant_per_token"]
+    result = run_case(spec, case, "bfloat16", provider, torch.device("cpu"), repeats=1)
+    assert result.status == status, result.message
+    assert result.max_abs_error == amount
+    if status == FAIL:
+        assert f"integer outputs differ by {amount}" in result.message

@@ -1,0 +1,81 @@
+"""Quantization family: W8A8 int8 (symmetric dynamic per-token and static per-tensor activation
+quantization, and the int8 GEMM with per-token / per-tensor and per-channel scales).
+
+Kunlun's convention throughout (KUNLUN.md C4): activations and weights carry their absmax, not
+their scale; scale = absmax / 127. A checkpoint's scale s therefore reaches these ops as
+s * 127. Weights keep vLLM's / the checkpoint's layout w_q int8 [N, K]. Quantization computes in
+float32 and rounds half to even; the GEMM accumulates exactly and scales in float32.
+
+Declarations only: the kernels are in reference.py (the specification, also the emulated
+device's kernel), compiled.py (the emulated device's int8 GEMM) and kunlun.py (the Kunlun
+binding).
+"""
+
+import math
+
+import torch
+
+from vllm_kunlun.ops.declare import kernel_op
+
+
+def _rows(x: torch.Tensor) -> int:
+    return math.prod(x.shape[:-1])
+
+
+def _per_token_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = _rows(x)
+    q = x.new_empty(rows, x.shape[-1], dtype=torch.int8)
+    return q, x.new_empty(rows, 1, dtype=torch.float32)
+
+
+def _static_fake(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return x.new_empty(_rows(x), x.shape[-1], dtype=torch.int8)
+
+
+def _scaled_mm_fake(
+    x_q: torch.Tensor,
+    x_absmax: torch.Tensor,
+    w_q: torch.Tensor,
+    w_absmax: torch.Tensor,
+    x_zero_point: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    return x_q.new_empty(x_q.shape[0], w_q.shape[0], dtype=out_dtype)
+
+
+@kernel_op(fake=_per_token_fake)
+def int8_quant_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric dynamic per-token int8 quantisation (Kunlun quant2d semantics: returns the per-row
+    absmax, not the scale). x [..., K] float (any float dtype, may be non-contiguous), viewed as
+    rows [R, K]. absmax[r] = max_k |x[r, k]| in float32; scale = absmax / 127;
+    q = round(x / scale) (round half to even, computed in float32), clamped to [-127, 127]; a row
+    of zeros gives q = 0 and absmax 0. -> (q int8 [R, K] contiguous, absmax float32 [R, 1])."""
+
+
+@kernel_op(fake=_static_fake)
+def int8_quant_static(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None
+) -> torch.Tensor:
+    """Static per-tensor int8 quantisation: q = clamp(round(x / scale) + zero_point, -128, 127) in
+    float32 (round half to even), x [..., K] viewed as rows [R, K]; scale float32 [1];
+    zero_point int32 [1], or None for symmetric (then 0). -> q int8 [R, K] contiguous."""
+
+
+@kernel_op(fake=_scaled_mm_fake)
+def int8_scaled_mm(
+    x_q: torch.Tensor,
+    x_absmax: torch.Tensor,
+    w_q: torch.Tensor,
+    w_absmax: torch.Tensor,
+    x_zero_point: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """W8A8 GEMM in Kunlun's absmax convention (kunlun_ops.matmul x_pc_max / w_pc_max):
+    out[r, n] = sum_k (x_q[r, k] - zp) * w_q[n, k] * (x_absmax[r] / 127) * (w_absmax[n] / 127)
+    + bias[n], accumulated exactly (int32 or float64-exact), scaled in float32, rounded once to
+    out_dtype. x_q int8 [R, K]; x_absmax float32 [R, 1] per token, or [1, 1] per tensor (static:
+    scale * 127); w_q int8 [N, K] (vLLM's / the checkpoint's layout); w_absmax float32 [N] (per
+    output channel, checkpoint scale * 127); x_zero_point int32 [1] or None; bias [N] (any float
+    dtype) or None. -> new contiguous [R, N] in out_dtype."""
