@@ -96,7 +96,7 @@ def profile_backend(workload, backend: str, workdir: Path) -> list[tuple[list[st
     command = [
         py_spy, "record", "--subprocesses", "--rate", str(RATE_HZ), "--format", "raw",
         "--output", str(raw), "--",
-        *offline_command(workload, model_path(workload.model, workdir), result),
+        *offline_command(workload, model_path(workload.model, workdir, workload.scheme), result),
     ]  # fmt: skip
     print(f"[profile] {workload.name} on {backend} under py-spy ...", flush=True)
     finished = run(command, child_env(BACKENDS[backend]), timeout_s=3600)

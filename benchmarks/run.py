@@ -3,8 +3,12 @@
     python -m benchmarks.run            # the full comparison (about an hour on 2 cores)
     python -m benchmarks.run --quick    # a very small end-to-end run (what the tests use)
     python -m benchmarks.run --only "64x128/128 eager"   # one offline workload
+    python -m benchmarks.run --only W8A8                 # the W8A8 int8 rows
 
 Each figure is the median of --runs runs per backend; the table shows plugin / in-tree ratios.
+A workload with a quantization scheme runs the scheme's checkpoint of its model on both
+backends, and the unquantized model through the plugin as well: a second table shows those
+ratios (quantized / unquantized, both through the plugin), with the bytes of weights loaded.
 Results go to results/bench-<time>.json and .png with the machine, versions and settings.
 """
 
@@ -22,6 +26,7 @@ from pathlib import Path
 from benchmarks.processes import child_env, run
 from benchmarks.serving import ServingWorkload, run_serving
 from vllm_kunlun.model_zoo.default_model import prepare_default_model
+from vllm_kunlun.model_zoo.quantized import quantized_checkpoint
 from vllm_kunlun.model_zoo.tiny import make_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,6 +37,9 @@ BACKENDS: dict[str, dict[str, str | None]] = {
     "plugin": {"VLLM_KUNLUN_EMULATE": "1", "VLLM_KUNLUN_EMULATED_MEMORY_GIB": "6"},
     "in-tree": {"VLLM_KUNLUN_EMULATE": None},
 }
+#: The measurement of a quantized workload's unquantized model, run through the plugin.
+UNQUANTIZED = "plugin, unquantized"
+MiB = 1 << 20
 
 
 @dataclass
@@ -43,6 +51,9 @@ class OfflineWorkload:
     output_len: int
     mode: str  # "eager" or "compile"
     dtype: str = "auto"
+    #: A scheme of vllm_kunlun.model_zoo.quantized ("w8a8-dynamic"): both backends run that
+    #: checkpoint of the model, and the plugin runs the unquantized model too.
+    scheme: str | None = None
 
 
 @dataclass
@@ -64,6 +75,10 @@ def full_plan() -> tuple[list[OfflineWorkload], list[ServingWorkload]]:
     # A random 8-layer MoE whose experts dominate the time (vllm_kunlun.model_zoo.tiny).
     offline.append(OfflineWorkload("MoE 64x128/128 bf16 eager", "moe-bench", 64, 128, 128,
                                    "eager", dtype="bfloat16"))  # fmt: skip
+    # The default model's W8A8 int8 checkpoint (int8 GEMMs: the plugin's quant ops, oneDNN
+    # in-tree) against each other and against the bf16 model through the plugin.
+    offline.append(OfflineWorkload("W8A8 throughput 64x128/128 int8 eager", "default", 64, 128,
+                                   128, "eager", scheme="w8a8-dynamic"))  # fmt: skip
     serving = [ServingWorkload(concurrency, 128, 64, max(8, 2 * concurrency))
                for concurrency in (1, 8, 32)]  # fmt: skip
     return offline, serving
@@ -81,14 +96,37 @@ def quick_plan() -> tuple[list[OfflineWorkload], list[ServingWorkload]]:
     )
 
 
-def model_path(kind: str, workdir: Path) -> Path:
+def model_path(kind: str, workdir: Path, scheme: str | None = None) -> Path:
+    """The workload's model; with a scheme, that quantized checkpoint of it (made in workdir)."""
     default = prepare_default_model()
     if kind == "default":
-        return default
-    target = workdir / f"tiny-{kind}"
-    if not (target / "config.json").exists():
-        make_tiny_checkpoint(kind, target, default)
-    return target
+        model = default
+    else:
+        model = workdir / f"tiny-{kind}"
+        if not (model / "config.json").exists():
+            make_tiny_checkpoint(kind, model, default)
+    return model if scheme is None else quantized_checkpoint(model, scheme, workdir)
+
+
+def checkpoint_weight_bytes(model: Path) -> int:
+    """Bytes of the tensors in the model's safetensors files: the weights the loader reads (a
+    tied embedding is stored once). Each file is an 8-byte header length, the JSON header,
+    then the tensor data."""
+    total = 0
+    for path in model.glob("*.safetensors"):
+        with path.open("rb") as f:
+            header = int.from_bytes(f.read(8), "little")
+        total += path.stat().st_size - 8 - header
+    return total
+
+
+def runs_of(workload: OfflineWorkload, workdir: Path) -> list[tuple[str, str, Path]]:
+    """(measurement name, BACKENDS key, model) of each side of a workload."""
+    model = model_path(workload.model, workdir, workload.scheme)
+    sides = [(backend, backend, model) for backend in BACKENDS]
+    if workload.scheme is not None:
+        sides.append((UNQUANTIZED, "plugin", model_path(workload.model, workdir)))
+    return sides
 
 
 def offline_command(workload: OfflineWorkload, model: Path, out: Path) -> list[str]:
@@ -123,6 +161,8 @@ def run_offline(workload: OfflineWorkload, backend: str, model: Path, workdir: P
     if workload.model == "overhead":
         # Every step decodes all prompts at once: one step per output token.
         metrics["ms per decode step"] = 1000 * result["elapsed_time"] / workload.output_len
+    if workload.scheme is not None:
+        metrics["weights MiB"] = checkpoint_weight_bytes(model) / MiB
     return metrics
 
 
@@ -131,8 +171,8 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def lower_is_better(metric: str) -> bool:
-    """Latencies (ms) and memory (GiB); the ratio column is plugin / in-tree either way."""
-    return bool({"ms", "GiB"} & set(metric.split()))
+    """Latencies (ms) and memory (GiB, MiB); the ratio column is plugin / in-tree either way."""
+    return bool({"ms", "GiB", "MiB"} & set(metric.split()))
 
 
 def render_table(measurements: list[Measurement]) -> str:
@@ -146,6 +186,17 @@ def render_table(measurements: list[Measurement]) -> str:
             ratio = plugin_value / in_tree if in_tree else float("nan")
             better = "lower" if lower_is_better(metric) else "higher"
             lines.append(f"{workload:38} {metric:22} {plugin_value:10.2f} {in_tree:10.2f} "
+                         f"{ratio:7.2f}  ({better} is better)")  # fmt: skip
+    baselines = [(w, sides) for w, sides in by_workload.items() if UNQUANTIZED in sides]
+    if baselines:
+        header = f"{'workload':38} {'metric':22} {'quantized':>10} {'unquant.':>10} {'ratio':>7}"
+        lines += ["", "quantized / unquantized model, both through the plugin", header]
+    for workload, sides in baselines:
+        for metric, quantized in sides["plugin"].metrics.items():
+            unquantized = sides[UNQUANTIZED].metrics[metric]
+            ratio = quantized / unquantized if unquantized else float("nan")
+            better = "lower" if lower_is_better(metric) else "higher"
+            lines.append(f"{workload:38} {metric:22} {quantized:10.2f} {unquantized:10.2f} "
                          f"{ratio:7.2f}  ({better} is better)")  # fmt: skip
     return "\n".join(lines)
 
@@ -208,13 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vllm-kunlun-bench-") as tmp:
         workdir = Path(tmp)
         for workload in offline:
-            model = model_path(workload.model, workdir)
-            for backend in BACKENDS:
+            for name, backend, model in runs_of(workload, workdir):
                 samples = []
                 for i in range(runs):
-                    print(f"[bench] {workload.name} / {backend} run {i + 1}/{runs}", flush=True)
+                    print(f"[bench] {workload.name} / {name} run {i + 1}/{runs}", flush=True)
                     samples.append(run_offline(workload, backend, model, workdir))
-                measurements.append(Measurement(workload.name, backend, median_of(samples),
+                measurements.append(Measurement(workload.name, name, median_of(samples),
                                                 samples))  # fmt: skip
         if serving:
             model = model_path("overhead" if args.quick else "default", workdir)

@@ -29,17 +29,21 @@ def run_generation(
     dtype: str = "float32",
     timeout: int = 600,
     logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
     embed: bool = False,
     **engine_kwargs,
 ) -> dict:
     """Greedy generation in a fresh process; returns {"platform", "token_ids", "texts", "log"}
-    (and "logprobs" with the top `logprobs` tokens of every generated position, if asked).
+    (and "logprobs" with the top `logprobs` tokens of every generated position, if asked; with
+    `prompt_logprobs` set, "prompt_logprobs": per prompt, each prompt token's logprob given its
+    prefix, None for the first token).
     With embed=True the model is a pooling model and the result holds "embeddings" instead.
 
     `env` entries are added to (or, with value None, removed from) the current environment.
     """
     spec = {"model": str(model), "prompts": prompts, "max_tokens": max_tokens, "dtype": dtype,
-            "engine_kwargs": engine_kwargs, "logprobs": logprobs, "embed": embed}  # fmt: skip
+            "engine_kwargs": engine_kwargs, "logprobs": logprobs,
+            "prompt_logprobs": prompt_logprobs, "embed": embed}  # fmt: skip
     child_env = dict(os.environ)
     for key, value in (env or {}).items():
         if value is None:

@@ -3,9 +3,10 @@
 Used by the tests (tests/engine.py) so every engine starts in its own process with its own
 environment. Usage: python -m tests.generate SPEC_JSON  where SPEC_JSON holds
 {"model", "prompts", "max_tokens", "dtype", "engine_kwargs"} and optionally "logprobs" (top-k
-per generated position, returned as token-id -> logprob dicts) or "embed" (embed the prompts
-with a pooling model instead of generating); engines are eager unless engine_kwargs says
-otherwise.
+per generated position, returned as token-id -> logprob dicts), "prompt_logprobs" (any int:
+return, per prompt, the logprob of each prompt token given its prefix, None for the first) or
+"embed" (embed the prompts with a pooling model instead of generating). Prompts are strings or
+{"prompt_token_ids": [...]}; engines are eager unless engine_kwargs says otherwise.
 """
 
 import json
@@ -25,7 +26,8 @@ def main() -> None:
         embeddings = [o.outputs.embedding for o in llm.embed(spec["prompts"])]
         finish(llm, {"platform": type(current_platform).__name__, "embeddings": embeddings})
     params = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True,
-                            logprobs=spec.get("logprobs"))  # fmt: skip
+                            logprobs=spec.get("logprobs"),
+                            prompt_logprobs=spec.get("prompt_logprobs"))  # fmt: skip
     outputs = llm.generate(spec["prompts"], params)
     result = {
         "platform": type(current_platform).__name__,
@@ -36,6 +38,12 @@ def main() -> None:
         result["logprobs"] = [
             [{str(token): lp.logprob for token, lp in position.items()}
              for position in o.outputs[0].logprobs]
+            for o in outputs
+        ]  # fmt: skip
+    if spec.get("prompt_logprobs") is not None:
+        result["prompt_logprobs"] = [
+            [None if position is None else position[token].logprob
+             for token, position in zip(o.prompt_token_ids, o.prompt_logprobs, strict=True)]
             for o in outputs
         ]  # fmt: skip
     finish(llm, result)

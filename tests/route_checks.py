@@ -42,6 +42,6 @@ def assert_only_plugin_ops_and_listed_native_layers(
         assert report.route_of(rotary_class) == {PLUGIN_OP}
     assert counts.get("rotary_embedding", 0) > 0
     if moe:
-        assert report.route_of("RoutedExperts") == {PLUGIN_OP}
+        assert report.route_of("KunlunRoutedExperts") == {PLUGIN_OP}
         assert report.route_of("MoERunner") == {NATIVE}
         assert counts.get("moe_experts", 0) > 0

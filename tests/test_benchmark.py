@@ -40,3 +40,22 @@ def test_only_filters_workloads_and_names_them_when_nothing_matches(capsys):
         main(["--only", "no such workload"])
     assert stopped.value.code == 2
     assert "'throughput 64x128/128 eager'" in capsys.readouterr().err
+
+
+def test_the_w8a8_row_counts_checkpoint_weight_bytes(tmp_path):
+    """The W8A8 row (full plan): the default model's w8a8-dynamic checkpoint; its weight bytes
+    are the tensors' bytes in the safetensors files (here against torch's count of the loaded
+    tensors)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from benchmarks.run import OfflineWorkload, checkpoint_weight_bytes, full_plan
+
+    (w8a8,) = [w for w in full_plan()[0] if w.scheme is not None]
+    assert w8a8.scheme == "w8a8-dynamic" and w8a8.model == "default"
+    tensors = {"a": torch.ones(3, 5, dtype=torch.int8), "b": torch.ones(7, dtype=torch.bfloat16)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    loaded = load_file(str(tmp_path / "model.safetensors"))
+    assert checkpoint_weight_bytes(tmp_path) == sum(t.nbytes for t in loaded.values()) == 29
+    assert lower_is_better("weights MiB")
+    assert OfflineWorkload("x", "default", 1, 1, 1, "eager").scheme is None

@@ -38,7 +38,9 @@ def test_support_matrix_names_only_existing_tests():
 MATRIX_TEST_FILES = ("test_models.py", "test_feature_matrix.py", "test_tensor_parallel.py",
                      "test_serving_faults.py", "test_soak.py", "test_guard_rails.py",
                      "test_embedding.py", "test_routes.py", "test_moe_models.py",
-                     "test_moe_layer.py", "test_expert_parallel.py")  # fmt: skip
+                     "test_moe_layer.py", "test_expert_parallel.py", "test_quantized_models.py",
+                     "test_quantization_config.py", "test_quantization_layer.py",
+                     "test_quantized_moe_layer.py", "test_quantized_accuracy.py")  # fmt: skip
 
 
 def test_support_matrix_cites_every_matrix_test():
@@ -62,7 +64,8 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))] + [
                  "CHANGELOG.md")
 ]  # fmt: skip
 # Log lines and error messages quoted in the docs that start like a command.
-QUOTED_MESSAGES = ("vllm-kunlun kernel provider:", "vllm-kunlun does not", "vllm-kunlun expects")
+QUOTED_MESSAGES = ("vllm-kunlun kernel provider:", "vllm-kunlun does not", "vllm-kunlun expects",
+                   "vllm-kunlun cannot")  # fmt: skip
 
 
 def code_of(text: str) -> list[str]:

@@ -119,7 +119,7 @@ def test_custom_routing_function_is_refused_at_start_up_naming_it(tiny_model_fac
         run_generation(tiny_model_factory("phimoe"), PROMPTS[:1], 2,
                        env=emulation_env(VLLM_KUNLUN_ROUTE_REPORT=str(report_dir)))  # fmt: skip
     (row,) = refused_rows(report_dir)
-    assert row.layer_type == "RoutedExperts" and row.count == 2
+    assert row.layer_type == "KunlunRoutedExperts" and row.count == 2
     assert row.detail == "a custom MoE routing function (phimoe_routing_function)"
     assert "Qwen3-MoE" in row.instead and "docs/support-matrix.md" in row.instead
 

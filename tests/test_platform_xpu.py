@@ -197,7 +197,7 @@ def test_block_size_is_validated(configs):
     ("case", "message"),
     [
         ("lora", "LoRA adapters are not supported on Kunlun XPUs yet (--enable-lora)"),
-        ("quantization", "vllm-kunlun does not support quantization yet (--quantization fp8"),
+        ("quantization", "vllm-kunlun cannot run --quantization fp8"),
         ("kv_cache_fp8", "--kv-cache-dtype fp8 is not supported by vllm-kunlun"),
         ("tp_16", "needs 16 Kunlun XPUs on this host, one per worker, but only 8 are visible"),
     ],
@@ -213,7 +213,7 @@ def test_lora_refusal_says_what_to_do_instead(configs, facts):
 
 def test_other_refusals(facts):
     assert "MLA or sparse attention" in facts["mla_refusal"]
-    assert "Drop --quantization" in facts["quantization_refusal"]
+    assert "serve an unquantized checkpoint" in facts["quantization_refusal"]
     assert "not torch.float64" in facts["dtype_refusal"]
 
 

@@ -2,7 +2,7 @@
 
 vLLM calls `register` (entry point group `vllm.platform_plugins`) to ask whether this plugin's
 platform should be active, and `register_ops` (group `vllm.general_plugins`) in every process to
-let the plugin register its layers and attention backend.
+let the plugin register its layers, attention backend and quantized linear kernels.
 """
 
 __version__ = "0.1.0"
@@ -52,8 +52,10 @@ def register_ops() -> None:
     from vllm_kunlun.attention import register_backend
     from vllm_kunlun.layers import register_layers
     from vllm_kunlun.ops import stats
+    from vllm_kunlun.quantization import register_quantization
 
     register_layers()
     register_backend()
+    register_quantization()
     stats.install_exit_hook()
     _ops_registered = True

@@ -5,6 +5,7 @@
     vllm-kunlun default-model                  print the default model's folder (prepare it once)
     vllm-kunlun doctor                         check the set-up; exit status 1 if it cannot serve
     vllm-kunlun check-kernels                  every kernel against the reference (no vLLM needed)
+    vllm-kunlun quantize SRC DST --scheme S    write a quantized copy of a checkpoint folder
 
 Add --emulate (or set VLLM_KUNLUN_EMULATE=1) to run on the emulated XPU on the host CPU.
 """
@@ -16,7 +17,7 @@ from vllm_kunlun import envs
 from vllm_kunlun.supervisor import CHILD_FLAG, supervise
 
 EMULATE_FLAG = "--emulate"
-PLUGIN_COMMANDS = ("default-model", "doctor", "check-kernels")
+PLUGIN_COMMANDS = ("default-model", "doctor", "check-kernels", "quantize")
 NEEDS_DEVICE = ("serve", "bench", "run-batch")
 
 
@@ -69,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         from vllm_kunlun.doctor import main as doctor_main
 
         return doctor_main(args[1:])
+
+    if args[:1] == ["quantize"]:
+        from vllm_kunlun.model_zoo.quantized import main as quantize_main
+
+        return quantize_main(args[1:])
 
     from vllm_kunlun import device
 

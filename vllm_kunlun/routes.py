@@ -10,8 +10,11 @@ platform, into exactly one route:
   torch.nn modules, and vLLM's model code between the layers;
 - **refused**: anything else that does device work, e.g. a vLLM custom op whose chosen forward
   is its `forward_cpu` override (vLLM's CPU kernels, `torch.ops._C.*`, which do not exist on a
-  Kunlun XPU), quantized linear and MoE methods, MoE variants the plugin's MoE method cannot
-  run, other attention backends.
+  Kunlun XPU), quantized linear methods without a plugin kernel, quantized MoE methods, MoE
+  variants the plugin's MoE method cannot run, other attention backends.
+
+Quantized linear layers are a plugin op when their kernel is the plugin's
+(vllm_kunlun.quantization).
 
 MoE blocks: vLLM's `MoERunner` is model code around the experts (its gate, shared experts and
 routed experts are listed as layers of their own); its `RoutedExperts` are a plugin op when
@@ -348,16 +351,32 @@ def _native_route(module: nn.Module) -> Route | None:
         if entry.quant_method is None or method == entry.quant_method:
             detail = entry.reason if entry.quant_method is None else f"{method}: {entry.reason}"
             return Route(NATIVE, detail)
+        quantized = _quantized_linear_route(module, method)
+        if quantized is not None:
+            return quantized
         return Route(
             REFUSED, f"quantized ({method}): no plugin quantized kernel yet", QUANTIZED_INSTEAD
         )
     return None
 
 
+def _quantized_linear_route(module: nn.Module, method: str) -> Route | None:
+    """A quantized linear layer whose kernel is the plugin's (vllm_kunlun.quantization)."""
+    from vllm_kunlun.quantization import plugin_linear_kernel
+
+    kernel = plugin_linear_kernel(module)
+    if kernel is None:
+        return None
+    scheme = getattr(module, "scheme", None)
+    via = f"{method}({type(scheme).__name__})" if scheme is not None else method
+    ops = ", ".join(f"kunlun.{op}" for op in kernel.ops_used)
+    return Route(PLUGIN_OP, f"{via} -> {type(kernel).__name__} -> {ops}")
+
+
 def _routed_experts_route(module: nn.Module) -> Route:
     from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
 
-    from vllm_kunlun.layers.moe import KunlunUnquantizedFusedMoEMethod
+    from vllm_kunlun.layers.moe import KunlunMonolithicMoE
 
     cls, method = type(module), getattr(module, "quant_method", None)
     if cls.forward_monolithic is not RoutedExperts.forward_monolithic:
@@ -366,7 +385,7 @@ def _routed_experts_route(module: nn.Module) -> Route:
             f"{cls.__name__} overrides how vLLM runs the experts' method",
             KERNEL_INSTEAD,
         )
-    if isinstance(method, KunlunUnquantizedFusedMoEMethod):
+    if isinstance(method, KunlunMonolithicMoE):
         if method.refusal is not None:
             return Route(REFUSED, method.refusal.what, method.refusal.instead)
         ops = ", ".join(f"kunlun.{op}" for op in method.ops_used)
@@ -375,7 +394,7 @@ def _routed_experts_route(module: nn.Module) -> Route:
     if name == "UnquantizedFusedMoEMethod":
         detail = "vLLM's UnquantizedFusedMoEMethod, not the plugin's (plugin layers not registered)"
     else:
-        detail = f"quantized MoE ({name}): no plugin quantized MoE kernel yet"
+        detail = f"quantized MoE ({name}): no plugin kernel for this MoE quantization"
     return Route(REFUSED, detail, MOE_INSTEAD)
 
 

@@ -48,24 +48,28 @@ class Refusal:
     instead: str
 
 
-class KunlunUnquantizedFusedMoEMethod(UnquantizedFusedMoEMethod):
-    """Unquantized MoE experts: the plugin's routing op, then its experts op."""
+def refuse_eplb(moe: FusedMoEConfig) -> None:
+    """Raised when the method is built: vLLM asks `supports_eplb` before weights exist."""
+    if moe.moe_parallel_config.enable_eplb:
+        raise ValueError(
+            "vllm-kunlun does not support expert-parallel load balancing (--enable-eplb) "
+            "yet: the plugin's MoE method routes inside its own op, where EPLB cannot "
+            "count expert loads. Drop --enable-eplb."
+        )
 
-    plugin_ops = ("moe_softmax_topk", "moe_grouped_topk", "moe_experts")
 
-    def __init__(self, moe: FusedMoEConfig):
-        if moe.moe_parallel_config.enable_eplb:
-            # Raised here because vLLM asks `supports_eplb` before weights exist.
-            raise ValueError(
-                "vllm-kunlun does not support expert-parallel load balancing (--enable-eplb) "
-                "yet: the plugin's MoE method routes inside its own op, where EPLB cannot "
-                "count expert loads. Drop --enable-eplb."
-            )
-        super().__init__(moe)  # on a Kunlun platform the oracle picks no vLLM kernel (OOT)
-        self.refusal: Refusal | None = None
-        # Routing as decided by create_weights: None for plain softmax top-k, else the
-        # (num_expert_group, topk_group) that moe_grouped_topk is called with.
-        self.groups: tuple[int, int] | None = None
+class KunlunMonolithicMoE:
+    """What the plugin's MoE methods share: monolithic (the runner hands over the router logits),
+    routing with the plugin's routing ops, and what the layer asks for that the ops cannot do
+    recorded as a `Refusal` when the weights are created. Mixed in before vLLM's method class;
+    a subclass names its experts op."""
+
+    #: The plugin op that runs the experts.
+    experts_op: str = "moe_experts"
+    #: Set by `record_layer` (create_weights): what cannot run, and the routing. `groups` is None
+    #: for plain softmax top-k, else the (num_expert_group, topk_group) of moe_grouped_topk.
+    refusal: Refusal | None = None
+    groups: tuple[int, int] | None = None
 
     @property
     def is_monolithic(self) -> bool:
@@ -75,30 +79,25 @@ class KunlunUnquantizedFusedMoEMethod(UnquantizedFusedMoEMethod):
     def supports_eplb(self) -> bool:
         return False
 
-    def create_weights(self, layer, *args, **kwargs) -> None:
-        super().create_weights(layer, *args, **kwargs)
+    def record_layer(self, layer) -> None:
         self.refusal = refusal_for(layer, self.moe)
         self.groups = routing_groups(layer)
-
-    def process_weights_after_loading(self, layer) -> None:
-        """Nothing to convert: the moe ops read vLLM's weight layout as loaded.
-
-        (vLLM's version would build a kernel of its own when weights arrive pre-processed.)
-        """
 
     @property
     def routing_op(self) -> str:
         return "moe_softmax_topk" if self.groups is None else "moe_grouped_topk"
 
     @property
-    def ops_used(self) -> tuple[str, str]:
+    def ops_used(self) -> tuple[str, ...]:
         """The plugin ops this layer calls, for the route report."""
-        return (self.routing_op, "moe_experts")
+        return (self.routing_op, self.experts_op)
 
     def select_experts(
         self, layer, router_logits: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights float32 [T, k], expert ids int32 [T, k]) from the router logits."""
+        if self.refusal is not None:  # the route report refuses the model before this
+            raise NotImplementedError(f"vllm-kunlun cannot run {self.refusal.what}")
         if self.groups is None:
             return moe_ops.moe_softmax_topk(router_logits, layer.top_k, layer.renormalize)
         num_expert_group, topk_group = self.groups
@@ -113,6 +112,31 @@ class KunlunUnquantizedFusedMoEMethod(UnquantizedFusedMoEMethod):
             float(layer.routed_scaling_factor),
         )
 
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
+        raise NotImplementedError(
+            f"{type(self).__name__} is monolithic: vLLM calls apply_monolithic"
+        )
+
+
+class KunlunUnquantizedFusedMoEMethod(KunlunMonolithicMoE, UnquantizedFusedMoEMethod):
+    """Unquantized MoE experts: the plugin's routing op, then its experts op."""
+
+    plugin_ops = ("moe_softmax_topk", "moe_grouped_topk", "moe_experts")
+
+    def __init__(self, moe: FusedMoEConfig):
+        refuse_eplb(moe)
+        super().__init__(moe)  # on a Kunlun platform the oracle picks no vLLM kernel (OOT)
+
+    def create_weights(self, layer, *args, **kwargs) -> None:
+        super().create_weights(layer, *args, **kwargs)
+        self.record_layer(layer)
+
+    def process_weights_after_loading(self, layer) -> None:
+        """Nothing to convert: the moe ops read vLLM's weight layout as loaded.
+
+        (vLLM's version would build a kernel of its own when weights arrive pre-processed.)
+        """
+
     def apply_monolithic(
         self,
         layer,
@@ -120,8 +144,6 @@ class KunlunUnquantizedFusedMoEMethod(UnquantizedFusedMoEMethod):
         router_logits: torch.Tensor,
         input_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self.refusal is not None:  # the route report refuses the model before this
-            raise NotImplementedError(f"vllm-kunlun cannot run {self.refusal.what}")
         topk_weights, topk_ids = self.select_experts(layer, router_logits)
         return moe_ops.moe_experts(
             x,
@@ -132,11 +154,6 @@ class KunlunUnquantizedFusedMoEMethod(UnquantizedFusedMoEMethod):
             layer.expert_map,
             layer.activation.value,
             layer.apply_router_weight_on_input,
-        )
-
-    def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
-        raise NotImplementedError(
-            "KunlunUnquantizedFusedMoEMethod is monolithic: vLLM calls apply_monolithic"
         )
 
 

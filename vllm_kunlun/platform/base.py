@@ -2,7 +2,7 @@
 
 `KunlunPlatformBase` answers from the device runtime (vllm_kunlun.device): device name, count
 and memory, the communicator and the worker. It also holds the Kunlun choices that do not depend
-on the device: dtypes, the plugin's attention backend, refused quantization, KV-cache block size
+on the device: dtypes, the plugin's attention backend, quantization checks, KV-cache block size
 and dtype checks, and routing vLLM's layers to the plugin's ops. The two platform classes
 (emulated.py, xpu.py) add only what differs between an emulated XPU and a real one.
 """
@@ -16,6 +16,11 @@ from vllm_kunlun import envs
 from vllm_kunlun.attention import BACKEND_PATH
 from vllm_kunlun.device import DeviceRuntime, current_runtime
 from vllm_kunlun.log import get_logger
+from vllm_kunlun.quantization.checkpoint_config import (
+    SUPPORTED_METHODS,
+    check_method,
+    check_quantization,
+)
 
 if TYPE_CHECKING:
     from vllm.config import ParallelConfig, VllmConfig
@@ -50,8 +55,8 @@ class KunlunPlatformBase(Platform):
     ray_noset_device_env_vars: list[str] = ["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"]
     # Copied from the engine to Ray workers (vLLM copies the VLLM_* variables itself).
     additional_env_vars: list[str] = [envs.XPU_VISIBLE_DEVICES.name]
-    # An empty list means "all" to vLLM; verify_quantization refuses instead.
-    supported_quantization: list[str] = []
+    # vllm_kunlun.quantization checks the schemes inside these methods' checkpoints.
+    supported_quantization: list[str] = list(SUPPORTED_METHODS)
 
     @classmethod
     def device_runtime(cls) -> DeviceRuntime:
@@ -131,11 +136,8 @@ class KunlunPlatformBase(Platform):
 
     @classmethod
     def verify_quantization(cls, quant: str) -> None:
-        raise ValueError(
-            f"vllm-kunlun does not support quantization yet (--quantization {quant}, or the "
-            "checkpoint's quantization_config). Drop --quantization and serve an unquantized "
-            "checkpoint in bfloat16 or float16 instead."
-        )
+        """The method name only; the checkpoint's scheme is checked in check_and_update_config."""
+        check_method(quant)
 
     @classmethod
     def validate_environ(cls, hard_fail: bool) -> None:
@@ -178,6 +180,7 @@ class KunlunPlatformBase(Platform):
         """The checks and choices of check_and_update_config that both devices make."""
         cls._choose_block_size(vllm_config)
         cls._check_kv_cache_dtype(vllm_config)
+        cls._check_quantization(vllm_config)
         parallel_config = vllm_config.parallel_config
         if parallel_config.worker_cls in DEFAULT_WORKER_CLASSES:
             parallel_config.worker_cls = cls.device_runtime().worker_cls
@@ -203,6 +206,18 @@ class KunlunPlatformBase(Platform):
                 f"--kv-cache-dtype {cache_dtype} is not supported by vllm-kunlun yet; "
                 "use --kv-cache-dtype auto."
             )
+
+    @classmethod
+    def _check_quantization(cls, vllm_config: "VllmConfig") -> None:
+        model_config = vllm_config.model_config
+        if model_config is None:
+            return
+        hf_config = model_config.hf_config
+        arch_config = getattr(model_config, "model_arch_config", None)
+        quant_config = getattr(arch_config, "quantization_config", None)
+        if quant_config is None:
+            quant_config = getattr(hf_config, "quantization_config", None)
+        check_quantization(model_config.quantization, quant_config, hf_config, model_config.model)
 
     @classmethod
     def _check_devices_for_workers(cls, parallel_config: "ParallelConfig") -> None:

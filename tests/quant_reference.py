@@ -1,0 +1,233 @@
+"""Independent reference for quantized (compressed-tensors W8A8 int8) checkpoints.
+
+The quantized folder is read here directly (safetensors + config.json), not through
+compressed-tensors' decompression nor through vllm_kunlun: a float32 transformers model is
+built from the config without its quantization_config, the int8 weights are dequantized into
+it (w = q * weight_scale, per output channel), and forward pre-hooks on every quantized
+Linear fake-quantize its input the way the scheme's int8 kernel sees it:
+
+    dynamic per token, symmetric: scale = absmax(row) / 127, q = clamp(round(x / scale), -127, 127)
+    static, symmetric:            q = clamp(round(x / input_scale), -128, 127)
+    static, asymmetric:           q = clamp(round(x / input_scale) + zp, -128, 127)
+
+and x' = (q - zp) * scale. Greedy decoding then follows tests/engine.py's `hf_greedy`.
+
+MoE checkpoints (dynamic per token only, as vLLM's W8A8 int8 MoE): the routed experts are
+saved per expert (`...experts.E.gate_proj.weight`, `up_proj`, `down_proj`, or Mixtral's
+`w1`, `w3`, `w2`), each int8 with a per-channel `weight_scale`; they are dequantized the same
+way and stacked into transformers 5's fused expert parameters (`gate_up_proj` [E, 2I, H] =
+gate rows then up rows, `down_proj` [E, H, I]). Those experts are not Linears and cannot be
+hooked per projection, so the experts module's forward is replaced, on the instance, by
+`ExpertLoop`: a plain per-token, per-selected-expert loop mirroring transformers' own expert
+computation, with the fake quantization in front of gate/up and in front of down. Routing
+stays the model's own (its router computes the top-k indices and weights it passes in).
+"""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+
+def fake_quant_dynamic_per_token(x: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 per row (token) with scale absmax / 127; rows of zeros stay zero."""
+    x32 = x.float()
+    scale = x32.abs().amax(dim=-1, keepdim=True) / 127.0
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.clamp(torch.round(x32 / safe), -127, 127)
+    return torch.where(scale == 0, torch.zeros_like(x32), q * scale).to(x.dtype)
+
+
+def fake_quant_static(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-tensor int8 with a fixed scale (and zero point when asymmetric)."""
+    scale = scale.float().reshape(())
+    zp = torch.zeros(()) if zero_point is None else zero_point.float().reshape(())
+    q = torch.clamp(torch.round(x.float() / scale) + zp, -128, 127)
+    return ((q - zp) * scale).to(x.dtype)
+
+
+def _read_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(checkpoint.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    return tensors
+
+
+def _input_args(quantization_config: dict) -> dict | None:
+    """The input-activation args of the (single) config group that targets Linear."""
+    groups = [g for g in quantization_config["config_groups"].values() if "Linear" in g["targets"]]
+    assert len(groups) == 1, f"expected one Linear group, got {quantization_config}"
+    return groups[0].get("input_activations")
+
+
+#: A routed expert's weight as saved: layer, expert, projection.
+_EXPERT_WEIGHT = re.compile(
+    r"^(?P<layer>.+\.layers\.\d+)\.\w+\.experts\.(?P<expert>\d+)\.(?P<proj>\w+)$"
+)
+#: Position of each projection name: gate (w1), up (w3), down (w2).
+_EXPERT_PROJECTIONS = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1, "down_proj": 2, "w2": 2}
+#: Saved name -> transformers 5 module name, outside the experts (Mixtral's router).
+_RENAMED = {".block_sparse_moe.": ".mlp."}
+
+
+class ExpertLoop:
+    """Forward of a transformers 5 fused experts module (`gate_up_proj` [E, 2I, H],
+    `down_proj` [E, H, I], `act_fn`), same arguments and result, written as a plain loop.
+
+    It mirrors transformers' own expert computation (the eager `Experts.forward` of Qwen3-MoE,
+    Mixtral, Qwen2-MoE, ...): per token, per selected expert k (an index equal to
+    num_experts is skipped, as there): x' = fake_quant(x), gate, up = x' @ gate_up^T split in
+    halves, h = fake_quant(act(gate) * up), y = h @ down^T, and the output is the sum of
+    top_k_weights[k] * y. With `fake_quant` None it computes exactly what transformers does.
+    """
+
+    def __init__(self, experts: torch.nn.Module, fake_quant=None):
+        self.experts = experts
+        self.fake_quant = fake_quant or (lambda x: x)
+
+    def __call__(self, hidden_states, top_k_index, top_k_weights):
+        experts, fake_quant = self.experts, self.fake_quant
+        out = torch.zeros_like(hidden_states)
+        for token in range(hidden_states.shape[0]):
+            x = fake_quant(hidden_states[token : token + 1])
+            for k in range(top_k_index.shape[1]):
+                expert = int(top_k_index[token, k])
+                if expert >= experts.num_experts:
+                    continue
+                projected = torch.nn.functional.linear(x, experts.gate_up_proj[expert])
+                gate, up = projected.chunk(2, dim=-1)
+                h = fake_quant(experts.act_fn(gate) * up)
+                y = torch.nn.functional.linear(h, experts.down_proj[expert])
+                out[token] += (y[0] * top_k_weights[token, k]).to(out.dtype)
+        return out
+
+
+def _fuse_experts(state: dict[str, torch.Tensor], model) -> set[str]:
+    """Move the per-expert weights of `state` into `model`'s fused expert parameters' names;
+    returns the names of the experts modules filled."""
+    per_layer: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
+    for name in [n for n in state if n.endswith(".weight")]:
+        found = _EXPERT_WEIGHT.match(name.removesuffix(".weight"))
+        if found and found["proj"] in _EXPERT_PROJECTIONS:
+            key = (int(found["expert"]), _EXPERT_PROJECTIONS[found["proj"]])
+            per_layer.setdefault(found["layer"], {})[key] = state.pop(name)
+    fused = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter)
+    }
+    filled = set()
+    for layer, weights in per_layer.items():
+        [name] = [n for n in fused if n.startswith(f"{layer}.")]
+        count = fused[name].num_experts
+        assert set(weights) == {(e, p) for e in range(count) for p in range(3)}, layer
+        gate_up = [torch.cat([weights[e, 0], weights[e, 1]]) for e in range(count)]
+        state[f"{name}.gate_up_proj"] = torch.stack(gate_up)
+        state[f"{name}.down_proj"] = torch.stack([weights[e, 2] for e in range(count)])
+        filled.add(name)
+    known = set(model.state_dict())
+    for name in [n for n in state if n not in known]:
+        for old, new in _RENAMED.items():
+            if name.replace(old, new) in known:
+                state[name.replace(old, new)] = state.pop(name)
+    return filled
+
+
+def load_fake_quant_model(checkpoint: str | Path):
+    """The float32 transformers model of a quantized checkpoint, with activation fake-quant."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    checkpoint = Path(checkpoint)
+    config_dict = json.loads((checkpoint / "config.json").read_text())
+    quantization_config = config_dict.pop("quantization_config")
+    assert quantization_config["quant_method"] == "compressed-tensors"
+    assert quantization_config["format"] == "int-quantized", quantization_config["format"]
+    config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
+    # Eager attention, as hf_greedy.
+    config._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+    tensors = _read_tensors(checkpoint)
+    state: dict[str, torch.Tensor] = {}
+    quantized: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf in ("weight_scale", "input_scale", "input_zero_point"):
+            quantized.setdefault(module, {})[leaf] = tensor
+        elif leaf == "weight" and f"{module}.weight_scale" in tensors:
+            assert tensor.dtype == torch.int8, (name, tensor.dtype)
+            scale = tensors[f"{module}.weight_scale"].float()
+            state[name] = tensor.float() * scale  # [N, K] * [N, 1]
+        else:
+            state[name] = tensor.float()
+    experts = _fuse_experts(state, model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = getattr(config, "tie_word_embeddings", False)
+    assert not unexpected, unexpected
+    assert set(missing) <= ({"lm_head.weight"} if tied else set()), missing
+    if tied:
+        model.tie_weights()
+
+    args = _input_args(quantization_config)
+    modules = dict(model.named_modules())
+    if experts:
+        assert args is not None and args["dynamic"] is True, "MoE: dynamic per token only"
+        assert args["strategy"] == "token" and args["symmetric"], args
+        for name in experts:
+            modules[name].forward = ExpertLoop(modules[name], fake_quant_dynamic_per_token)
+    for name, params in quantized.items():
+        if _EXPERT_WEIGHT.match(name):
+            continue
+        linear = modules[name]
+        assert isinstance(linear, torch.nn.Linear), name
+        if args is None:
+            continue
+        if args["dynamic"] is True:
+            assert args["strategy"] == "token" and args["symmetric"], args
+            linear.register_forward_pre_hook(
+                lambda _m, inputs: (fake_quant_dynamic_per_token(inputs[0]), *inputs[1:])
+            )
+        else:
+            assert args["strategy"] == "tensor", args
+            scale = params["input_scale"]
+            zero_point = None if args["symmetric"] else params["input_zero_point"]
+
+            def hook(_m, inputs, scale=scale, zero_point=zero_point):
+                return (fake_quant_static(inputs[0], scale, zero_point), *inputs[1:])
+
+            linear.register_forward_pre_hook(hook)
+    return model
+
+
+def hf_fake_quant_greedy(
+    checkpoint: str | Path, prompts: list[str], max_tokens: int
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy continuations (token ids) of the fake-quantized float32 model, as hf_greedy, and
+    at each generated position the margin between the best and the second-best logit."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = load_fake_quant_model(checkpoint)
+    results, margins = [], []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            out = model(ids, use_cache=True)
+            generated: list[int] = []
+            gaps: list[float] = []
+            for _ in range(max_tokens):
+                best = out.logits[0, -1].topk(2)
+                next_id = int(best.indices[0])
+                generated.append(next_id)
+                gaps.append(float(best.values[0] - best.values[1]))
+                out = model(
+                    torch.tensor([[next_id]]), past_key_values=out.past_key_values, use_cache=True
+                )
+            results.append(generated)
+            margins.append(gaps)
+    return results, margins

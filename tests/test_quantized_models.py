@@ -1,0 +1,195 @@
+"""Quantized checkpoints end to end through the plugin (compressed-tensors W8A8 int8).
+
+Checkpoints are made offline from the tiny models (vllm_kunlun.model_zoo.quantized, what
+`vllm-kunlun quantize` writes). Each is checked against two independent references:
+
+- transformers running the same checkpoint dequantized to float32, with the scheme's activation
+  quantization applied in front of every quantized linear layer (tests/quant_reference.py):
+  greedy tokens equal, token for token, with one allowance. Quantization is a step function: the
+  two stacks sum in different orders, and an activation within float32 noise of a rounding
+  boundary lands one int8 step apart, which moves the logits by up to about 1e-2. So a prompt
+  may part from the reference only at a position where the reference's best two logits are
+  within TIE_MARGIN (a near tie), and is not compared after it (the contexts differ then);
+  and most prompts must match all the way.
+- vLLM's in-tree CPU backend (oneDNN int8 GEMMs) on the same checkpoint: top-5 logprobs of the
+  first positions agree within QUANT_LOGPROB_TOLERANCE. The two quantize activations with
+  different roundings (oneDNN's vs round-half-to-even), so an activation value on a rounding
+  boundary may land one int8 step apart; that moves a logprob by about 1e-3 on these models.
+
+Every quantized linear layer must be a plugin op in the route report, and the quant ops must
+have run. Checkpoints the plugin cannot run are refused before any worker starts, naming the
+option or tensor.
+"""
+
+import json
+import shutil
+
+import pytest
+
+from tests.engine import IN_TREE_ENV, PROMPTS, emulation_env, read_op_stats, run_generation
+from tests.quant_reference import hf_fake_quant_greedy
+from tests.route_checks import assert_only_plugin_ops_and_listed_native_layers, route_env
+from tests.test_models import LOGPROB_POSITIONS, TOP
+from vllm_kunlun import routes
+from vllm_kunlun.model_zoo.quantized import quantized_checkpoint
+
+pytestmark = pytest.mark.engine
+
+MAX_TOKENS = 32
+#: Logit gap under which the reference's greedy choice is a near tie (see the docstring).
+TIE_MARGIN = 0.02
+QUANT_LOGPROB_TOLERANCE = 1e-2
+#: The quant op each activation scheme quantizes with.
+QUANTIZE_OP = {"w8a8-dynamic": "int8_quant_per_token", "w8a8-static": "int8_quant_static",
+               "w8a8-static-asym": "int8_quant_static"}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def quantized_model(tmp_path_factory, tiny_model_factory):
+    root = tmp_path_factory.mktemp("quantized")
+
+    def make(arch: str, scheme: str):
+        return quantized_checkpoint(tiny_model_factory(arch), scheme, root)
+
+    return make
+
+
+def assert_logprobs_close(plugin: list[list[dict]], in_tree: list[list[dict]]) -> None:
+    """Top-5 tokens and logprobs at the first positions agree within the tolerance (a token may
+    be in one top-5 only if it ties the other's 5th place within it)."""
+    for i, (ours_positions, theirs_positions) in enumerate(zip(plugin, in_tree, strict=True)):
+        for pos in range(LOGPROB_POSITIONS):
+            ours, theirs = ours_positions[pos], theirs_positions[pos]
+            fifth = sorted(theirs.values(), reverse=True)[TOP - 1]
+            for token in sorted(ours, key=ours.get, reverse=True)[:TOP]:
+                where = f"prompt {i} position {pos} token {token}"
+                if token in theirs:
+                    assert abs(ours[token] - theirs[token]) <= QUANT_LOGPROB_TOLERANCE, (
+                        f"{where}: plugin {ours[token]:.5f} vs in-tree {theirs[token]:.5f}"
+                    )
+                else:
+                    assert ours[token] <= fifth + QUANT_LOGPROB_TOLERANCE, where
+
+
+def assert_same_tokens_up_to_near_ties(plugin: list[list[int]], model) -> None:
+    reference, margins = hf_fake_quant_greedy(model, PROMPTS, MAX_TOKENS)
+    parted = 0
+    for i, (got, want) in enumerate(zip(plugin, reference, strict=True)):
+        if got == want:
+            continue
+        first = next(p for p, (a, b) in enumerate(zip(got, want, strict=True)) if a != b)
+        assert margins[i][first] < TIE_MARGIN, (
+            f"prompt {i} ({PROMPTS[i]!r}) parts from the reference at position {first}, where "
+            f"the reference's margin is {margins[i][first]:.4f}:\n plugin {got}\n HF     {want}"
+        )
+        parted += 1
+    assert parted <= len(PROMPTS) // 4, f"{parted} of {len(PROMPTS)} prompts parted at near ties"
+
+
+def check_quantized(model, scheme: str, tmp_path, *, in_tree: bool, enforce_eager: bool) -> dict:
+    stats_dir = tmp_path / "ops"
+    env = emulation_env(stats_dir, **route_env(tmp_path))
+    result = run_generation(model, PROMPTS, MAX_TOKENS, env=env, logprobs=TOP,
+                            enforce_eager=enforce_eager)  # fmt: skip
+    assert result["platform"] == "EmulatedKunlunPlatform"
+    assert_same_tokens_up_to_near_ties(result["token_ids"], model)
+    counts = read_op_stats(stats_dir)
+    assert counts.get(QUANTIZE_OP[scheme], 0) > 0 and counts.get("int8_scaled_mm", 0) > 0, counts
+    assert_only_plugin_ops_and_listed_native_layers(tmp_path, result["log"], counts)
+    (report,) = routes.read_reports(tmp_path / "routes")
+    quantized = [row for row in report.rows if "KunlunInt8ScaledMMLinearKernel" in row.detail]
+    assert quantized and all(row.route == routes.PLUGIN_OP for row in quantized)
+    # Only the unquantized LM head (and embedding) stay a native GEMM.
+    native_linear = [row for row in report.rows if "UnquantizedLinearMethod" in row.detail]
+    assert not native_linear, native_linear
+    if in_tree:
+        reference = run_generation(model, PROMPTS, LOGPROB_POSITIONS, env=IN_TREE_ENV,
+                                   logprobs=TOP, gpu_memory_utilization=0.3)  # fmt: skip
+        assert reference["platform"] == "CpuPlatform"
+        assert_logprobs_close(result["logprobs"], reference["logprobs"])
+    return counts
+
+
+@pytest.mark.parametrize(
+    ("arch", "scheme", "in_tree", "compiled"),
+    [
+        ("llama", "w8a8-dynamic", True, False),
+        ("llama", "w8a8-static", True, False),
+        # vLLM's default torch.compile path traces the quant ops through their fake kernels.
+        ("qwen2", "w8a8-static-asym", False, True),
+        ("phi3", "w8a8-dynamic", False, False),
+    ],
+)
+def test_w8a8_models_match_fake_quantized_transformers(arch, scheme, in_tree, compiled,
+                                                       quantized_model, tmp_path):  # fmt: skip
+    model = quantized_model(arch, scheme)
+    check_quantized(model, scheme, tmp_path, in_tree=in_tree, enforce_eager=not compiled)
+
+
+def test_w8a8_moe_matches_fake_quantized_transformers(quantized_model, tmp_path):
+    """Qwen3-MoE with W8A8 int8 experts (and attention): vLLM's int8 MoE backends need AMX (absent
+    here) or CUDA, so only transformers is the reference; the experts run `moe_experts_w8a8`."""
+    model = quantized_model("qwen3-moe", "w8a8-dynamic")
+    stats_dir = tmp_path / "ops"
+    env = emulation_env(stats_dir, **route_env(tmp_path))
+    result = run_generation(model, PROMPTS, MAX_TOKENS, env=env)
+    assert_same_tokens_up_to_near_ties(result["token_ids"], model)
+    counts = read_op_stats(stats_dir)
+    assert counts.get("moe_experts_w8a8", 0) > 0 and counts.get("moe_experts", 0) == 0, counts
+    assert_only_plugin_ops_and_listed_native_layers(tmp_path, result["log"], counts)
+    (report,) = routes.read_reports(tmp_path / "routes")
+    assert report.route_of("KunlunRoutedExperts") == {routes.PLUGIN_OP}
+    (experts,) = [row for row in report.rows if row.layer_type == "KunlunRoutedExperts"]
+    assert "KunlunW8A8Int8MoEMethod -> kunlun.moe_softmax_topk, kunlun.moe_experts_w8a8" in (
+        experts.detail
+    )
+
+
+def copy_with(model, tmp_path, *, config_update=None, drop_tensor=None):
+    """A copy of a quantized checkpoint with its quantization_config changed or a tensor gone."""
+    target = tmp_path / "edited"
+    shutil.copytree(model, target)
+    if config_update is not None:
+        config_file = target / "config.json"
+        config = json.loads(config_file.read_text())
+        config_update(config["quantization_config"])
+        config_file.write_text(json.dumps(config))
+    if drop_tensor is not None:
+        from safetensors.torch import load_file, save_file
+
+        (path,) = target.glob("*.safetensors")
+        tensors = load_file(str(path))
+        del tensors[drop_tensor]
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    return target
+
+
+def as_fp8(quant_config: dict) -> None:
+    quant_config["format"] = "float-quantized"
+    for group in quant_config["config_groups"].values():
+        for key in ("weights", "input_activations"):
+            group[key]["type"] = "float"
+
+
+def refused(model, tmp_path) -> str:
+    with pytest.raises(AssertionError) as failure:
+        run_generation(model, PROMPTS[:1], 2, env=emulation_env(tmp_path / "ops"), timeout=300)
+    return str(failure.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        (dict(config_update=as_fp8), "cannot run compressed-tensors format 'float-quantized'"),
+        (dict(drop_tensor="model.layers.1.mlp.down_proj.weight_scale"),
+         "model.layers.1.mlp.down_proj.weight_scale (the weight's scale) is missing"),
+    ],
+    ids=["fp8 checkpoint", "missing scale"],
+)  # fmt: skip
+def test_checkpoints_the_plugin_cannot_run_are_refused_before_loading(
+    edit, says, quantized_model, tmp_path
+):
+    model = copy_with(quantized_model("llama", "w8a8-dynamic"), tmp_path, **edit)
+    log = refused(model, tmp_path)
+    assert says in log, log[-3000:]
+    assert "Starting to load model" not in log  # refused in the engine process, before workers
