@@ -166,21 +166,27 @@ def test_not_supported_off_a_kunlun_platform(monkeypatch):
 
 
 def test_registration_puts_the_kernel_in_vllms_oot_int8_list_once():
+    from vllm.model_executor import custom_op
     from vllm.model_executor.kernels import linear
     from vllm.platforms import PlatformEnum
 
     import vllm_kunlun.quantization as quantization
+    from vllm_kunlun.quantization.moe_w8a8 import KunlunRoutedExperts
 
     saved = {k: list(v) for k, v in linear._POSSIBLE_INT8_KERNELS.items()}
+    saved_layers = dict(custom_op.op_registry_oot)
     try:
         quantization._registered = False
         quantization.register_quantization()
         quantization.register_quantization()
         oot = linear._POSSIBLE_INT8_KERNELS[PlatformEnum.OOT]
         assert oot.count(KunlunInt8ScaledMMLinearKernel) == 1
-    finally:
+        assert custom_op.op_registry_oot["RoutedExperts"] is KunlunRoutedExperts
+    finally:  # later tests build vLLM's own layers
         linear._POSSIBLE_INT8_KERNELS.clear()
         linear._POSSIBLE_INT8_KERNELS.update(saved)
+        custom_op.op_registry_oot.clear()
+        custom_op.op_registry_oot.update(saved_layers)
         quantization._registered = False
 
 
