@@ -52,8 +52,6 @@ def plugin_linear_kernel(layer) -> object | None:
     from vllm_kunlun.quantization.int8_linear import KunlunInt8ScaledMMLinearKernel
 
     kernel = getattr(getattr(layer, "scheme", None), "kernel", None)
-    if kernel is None:
-        kernel = getattr(getattr(layer, "quant_method", None), "kernel", None)
     return kernel if isinstance(kernel, KunlunInt8ScaledMMLinearKernel) else None
 
 

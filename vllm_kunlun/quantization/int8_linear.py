@@ -46,8 +46,6 @@ class KunlunInt8ScaledMMLinearKernel(Int8ScaledMMLinearKernel):
     """int8 weights x int8 activations: `int8_quant_per_token` (dynamic) or `int8_quant_static`
     (static), then `int8_scaled_mm`."""
 
-    plugin_ops = ("int8_quant_per_token", "int8_quant_static", "int8_scaled_mm")
-
     def __init__(self, c: Int8ScaledMMLinearLayerConfig, layer_param_names: Sequence[str]) -> None:
         super().__init__(c, layer_param_names)
         static = c.is_static_input_scheme

@@ -32,9 +32,7 @@ from vllm.model_executor.layers.quantization.utils import replace_parameter
 
 from vllm_kunlun.layers.moe import KunlunMonolithicMoE, refuse_eplb
 from vllm_kunlun.ops import moe as moe_ops
-
-#: int8 absmax = scale x INT8_MAX (KUNLUN.md C4).
-INT8_MAX = 127.0
+from vllm_kunlun.quantization.int8_linear import INT8_MAX
 
 
 def w8a8_expert_args(quant_config, layer, prefix: str):
@@ -44,16 +42,16 @@ def w8a8_expert_args(quant_config, layer, prefix: str):
         return None
     names = [f"{prefix}.0.{name}" for name in (layer.ckpt_gate_proj_name, layer.ckpt_up_proj_name,
                                                layer.ckpt_down_proj_name) if name]  # fmt: skip
-    schemes = [quant_config.get_scheme_dict(layer, name) for name in names]
-    if any(scheme is None for scheme in schemes):
-        # Not matched by name: the experts were Linear layers, so a "Linear" target covers
-        # them (what vLLM's own MoE method lookup does), unless they are ignored.
-        linear = quant_config.target_scheme_map.get("Linear")
-        ignored = all(scheme is None for scheme in schemes) and _ignored(quant_config, names)
-        if linear is None or ignored:
-            return None
-        schemes = [linear]
-    weights, acts = schemes[0].get("weights"), schemes[0].get("input_activations")
+    if _ignored(quant_config, names):
+        return None
+    # A target naming the projections, or else "Linear": the experts were Linear layers (what
+    # vLLM's own MoE method lookup assumes).
+    scheme = quant_config.get_scheme_dict(layer, names[0])
+    if scheme is None:
+        scheme = quant_config.target_scheme_map.get("Linear")
+    if scheme is None:
+        return None
+    weights, acts = scheme.get("weights"), scheme.get("input_activations")
     is_w8a8 = (
         weights is not None and acts is not None
         and weights.type == "int" and weights.num_bits == 8 and weights.symmetric
@@ -80,7 +78,6 @@ class KunlunW8A8Int8MoEMethod(KunlunMonolithicMoE, CompressedTensorsW8A8Int8MoEM
     """W8A8 int8 experts: the plugin's routing op, then `moe_experts_w8a8`."""
 
     experts_op = "moe_experts_w8a8"
-    plugin_ops = ("moe_softmax_topk", "moe_grouped_topk", "moe_experts_w8a8")
 
     def __init__(self, weight_quant, input_quant, moe: FusedMoEConfig):
         refuse_eplb(moe)
