@@ -85,11 +85,7 @@ def read_op_stats(directory: str | Path) -> dict[str, int]:
 
 
 def hf_greedy(model: str | Path, prompts: list[str], max_tokens: int) -> list[list[int]]:
-    """Hugging Face transformers' greedy continuations (float32), as token ids.
-
-    A plain argmax loop: `generate(min_new_tokens=...)` would mask EOS, while vLLM's
-    `ignore_eos` keeps EOS as a candidate and only keeps going after it.
-    """
+    """Hugging Face transformers' greedy continuations (float32), as token ids."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -98,20 +94,40 @@ def hf_greedy(model: str | Path, prompts: list[str], max_tokens: int) -> list[li
     hf_model = AutoModelForCausalLM.from_pretrained(
         model, dtype=torch.float32, attn_implementation="eager"
     ).eval()
-    results = []
+    tokens, _ = greedy_loop(hf_model, tokenizer, prompts, max_tokens)
+    return tokens
+
+
+def greedy_loop(
+    hf_model, tokenizer, prompts: list[str], max_tokens: int
+) -> tuple[list[list[int]], list[list[float]]]:
+    """A transformers model's greedy continuations (token ids), and at each generated position
+    the margin between the best and the second-best logit.
+
+    A plain argmax loop: `generate(min_new_tokens=...)` would mask EOS, while vLLM's
+    `ignore_eos` keeps EOS as a candidate and only keeps going after it.
+    """
+    import torch
+
+    results, margins = [], []
     with torch.no_grad():
         for prompt in prompts:
             ids = tokenizer(prompt, return_tensors="pt").input_ids
             out = hf_model(ids, use_cache=True)
             generated: list[int] = []
+            gaps: list[float] = []
             for _ in range(max_tokens):
-                next_id = out.logits[0, -1].argmax().item()
+                logits = out.logits[0, -1]
+                next_id = logits.argmax().item()
+                best_two = logits.topk(2).values
                 generated.append(next_id)
+                gaps.append(float(best_two[0] - best_two[1]))
                 out = hf_model(
                     torch.tensor([[next_id]]), past_key_values=out.past_key_values, use_cache=True
                 )
             results.append(generated)
-    return results
+            margins.append(gaps)
+    return results, margins
 
 
 def default_model_dir() -> Path:

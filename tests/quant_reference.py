@@ -211,23 +211,7 @@ def hf_fake_quant_greedy(
     at each generated position the margin between the best and the second-best logit."""
     from transformers import AutoTokenizer
 
+    from tests.engine import greedy_loop
+
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = load_fake_quant_model(checkpoint)
-    results, margins = [], []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt").input_ids
-            out = model(ids, use_cache=True)
-            generated: list[int] = []
-            gaps: list[float] = []
-            for _ in range(max_tokens):
-                best = out.logits[0, -1].topk(2)
-                next_id = int(best.indices[0])
-                generated.append(next_id)
-                gaps.append(float(best.values[0] - best.values[1]))
-                out = model(
-                    torch.tensor([[next_id]]), past_key_values=out.past_key_values, use_cache=True
-                )
-            results.append(generated)
-            margins.append(gaps)
-    return results, margins
+    return greedy_loop(load_fake_quant_model(checkpoint), tokenizer, prompts, max_tokens)

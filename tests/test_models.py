@@ -39,7 +39,8 @@ LOGPROB_TOLERANCE = 1e-3
 LOGPROB_POSITIONS, TOP = 8, 5
 
 
-def assert_logprobs_agree(plugin: list[list[dict]], in_tree: list[list[dict]]) -> None:
+def assert_logprobs_agree(plugin: list[list[dict]], in_tree: list[list[dict]],
+                          tolerance: float = LOGPROB_TOLERANCE) -> None:  # fmt: skip
     """Top-5 tokens and their logprobs at the first 8 positions, prompt by prompt. A token may
     be in one top-5 and not the other only if it ties the 5th place within the tolerance."""
     for i, (ours_positions, theirs_positions) in enumerate(zip(plugin, in_tree, strict=True)):
@@ -50,11 +51,11 @@ def assert_logprobs_agree(plugin: list[list[dict]], in_tree: list[list[dict]]) -
             for token in ours_top:
                 where = f"prompt {i} position {pos} token {token}"
                 if token in theirs:
-                    assert abs(ours[token] - theirs[token]) <= LOGPROB_TOLERANCE, (
+                    assert abs(ours[token] - theirs[token]) <= tolerance, (
                         f"{where}: plugin {ours[token]:.6f} vs in-tree {theirs[token]:.6f}"
                     )
                 else:
-                    assert ours[token] <= fifth + LOGPROB_TOLERANCE, f"{where}: not in-tree top-5"
+                    assert ours[token] <= fifth + tolerance, f"{where}: not in-tree top-5"
 
 
 def check_logprobs_against_in_tree(model, prompts: list[str], plugin: list[list[dict]]) -> None:

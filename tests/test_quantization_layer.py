@@ -29,17 +29,6 @@ def layer_config(static: bool, symmetric: bool, channelwise: bool = True):
                                          input_symmetric=symmetric)  # fmt: skip
 
 
-@pytest.fixture
-def reference_provider(monkeypatch):
-    """The quant ops run the reference kernels (the emulated XPU's, and the specification)."""
-    from vllm_kunlun.ops.provider import current_provider
-
-    monkeypatch.setenv("VLLM_KUNLUN_KERNELS", "reference")
-    current_provider.cache_clear()
-    yield
-    current_provider.cache_clear()
-
-
 def make_layer(widths, k, *, channelwise=True, static=False, symmetric=True, bias=False, seed=0):
     """A layer with the parameters CompressedTensorsW8A8Int8.create_weights registers, loaded
     with random int8 weights and scales, and the plugin kernel for it."""
@@ -104,7 +93,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_output_is_the_w8a8_formula(case, dtype, reference_provider):
+def test_output_is_the_w8a8_formula(case, dtype, reference_ops):
     layer, kernel, plain = make_layer(**CASES[case])
     torch.manual_seed(0)
     x = (torch.randn(2, 3, layer.weight.shape[1]) * 1.5).to(dtype)
@@ -116,7 +105,7 @@ def test_output_is_the_w8a8_formula(case, dtype, reference_provider):
     torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance * 4)
 
 
-def test_scales_are_kept_as_kunlun_absmax(reference_provider):
+def test_scales_are_kept_as_kunlun_absmax(reference_ops):
     layer, _, plain = make_layer(widths=[32, 16, 16], k=64, channelwise=False, static=True)
     assert layer.weight_scale.dtype == torch.float32 and layer.weight_scale.shape == (64,)
     torch.testing.assert_close(layer.weight_scale.double(), plain["row_scale"] * 127)
@@ -124,7 +113,7 @@ def test_scales_are_kept_as_kunlun_absmax(reference_provider):
     assert layer.weight.dtype == torch.int8  # no float copy of the weights is kept
 
 
-def test_a_dynamic_layer_runs_the_plugin_ops(reference_provider):
+def test_a_dynamic_layer_runs_the_plugin_ops(reference_ops):
     layer, kernel, _ = make_layer(widths=[16], k=32)
     before = stats.snapshot()
     kernel.apply_weights(layer, torch.randn(4, 32))

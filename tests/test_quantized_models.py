@@ -29,7 +29,7 @@ import pytest
 from tests.engine import IN_TREE_ENV, PROMPTS, emulation_env, read_op_stats, run_generation
 from tests.quant_reference import hf_fake_quant_greedy
 from tests.route_checks import assert_only_plugin_ops_and_listed_native_layers, route_env
-from tests.test_models import LOGPROB_POSITIONS, TOP
+from tests.test_models import LOGPROB_POSITIONS, TOP, assert_logprobs_agree
 from vllm_kunlun import routes
 from vllm_kunlun.model_zoo.quantized import quantized_checkpoint
 
@@ -52,23 +52,6 @@ def quantized_model(tmp_path_factory, tiny_model_factory):
         return quantized_checkpoint(tiny_model_factory(arch), scheme, root)
 
     return make
-
-
-def assert_logprobs_close(plugin: list[list[dict]], in_tree: list[list[dict]]) -> None:
-    """Top-5 tokens and logprobs at the first positions agree within the tolerance (a token may
-    be in one top-5 only if it ties the other's 5th place within it)."""
-    for i, (ours_positions, theirs_positions) in enumerate(zip(plugin, in_tree, strict=True)):
-        for pos in range(LOGPROB_POSITIONS):
-            ours, theirs = ours_positions[pos], theirs_positions[pos]
-            fifth = sorted(theirs.values(), reverse=True)[TOP - 1]
-            for token in sorted(ours, key=ours.get, reverse=True)[:TOP]:
-                where = f"prompt {i} position {pos} token {token}"
-                if token in theirs:
-                    assert abs(ours[token] - theirs[token]) <= QUANT_LOGPROB_TOLERANCE, (
-                        f"{where}: plugin {ours[token]:.5f} vs in-tree {theirs[token]:.5f}"
-                    )
-                else:
-                    assert ours[token] <= fifth + QUANT_LOGPROB_TOLERANCE, where
 
 
 def assert_same_tokens_up_to_near_ties(plugin: list[list[int]], model) -> None:
@@ -106,7 +89,7 @@ def check_quantized(model, scheme: str, tmp_path, *, in_tree: bool, enforce_eage
         reference = run_generation(model, PROMPTS, LOGPROB_POSITIONS, env=IN_TREE_ENV,
                                    logprobs=TOP, gpu_memory_utilization=0.3)  # fmt: skip
         assert reference["platform"] == "CpuPlatform"
-        assert_logprobs_close(result["logprobs"], reference["logprobs"])
+        assert_logprobs_agree(result["logprobs"], reference["logprobs"], QUANT_LOGPROB_TOLERANCE)
     return counts
 
 

@@ -19,6 +19,9 @@ from vllm_kunlun.ops import stats
 from vllm_kunlun.quantization import register_routed_experts
 from vllm_kunlun.quantization.moe_w8a8 import KunlunRoutedExperts, KunlunW8A8Int8MoEMethod
 
+#: The quant and MoE ops run the reference kernels (the emulated XPU's, and the spec).
+pytestmark = pytest.mark.usefixtures("reference_ops")
+
 HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 64, 32, 6, 2
 ARGS = {"num_bits": 8, "type": "int", "symmetric": True}
 
@@ -43,16 +46,6 @@ def plugin_layers():
     with plugin_layers_registered():
         register_routed_experts()
         yield
-
-
-@pytest.fixture(autouse=True)
-def reference_provider(monkeypatch):
-    from vllm_kunlun.ops.provider import current_provider
-
-    monkeypatch.setenv("VLLM_KUNLUN_KERNELS", "reference")
-    current_provider.cache_clear()
-    yield
-    current_provider.cache_clear()
 
 
 _built = iter(range(10**6))

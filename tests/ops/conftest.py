@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.ops.helpers import STANDIN
-from vllm_kunlun.ops.provider import Provider, current_provider
+from vllm_kunlun.ops.provider import Provider
 
 
 @pytest.fixture(autouse=True)
@@ -28,16 +28,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def reference_ops(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """torch.ops.kunlun.* backed by the reference provider, whatever an earlier test chose."""
-    monkeypatch.setenv("VLLM_KUNLUN_KERNELS", "reference")
-    current_provider.cache_clear()
-    assert current_provider().name == "reference"
-    yield
-    current_provider.cache_clear()  # the next user chooses again, under its own environment
 
 
 @pytest.fixture
