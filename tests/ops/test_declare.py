@@ -20,6 +20,7 @@ from vllm_kunlun.ops.attention import reference as attention_reference
 from vllm_kunlun.ops.kv_cache import reference as kv_cache_reference
 from vllm_kunlun.ops.norm import reference as norm_reference
 from vllm_kunlun.ops.provider import PROVIDERS, declared_ops, families, ops_of
+from vllm_kunlun.ops.quant.int4_layout import pack_int4
 from vllm_kunlun.ops.rotary import reference as rotary_reference
 
 # Signatures: one contract per op -----------------------------------------------------------
@@ -242,6 +243,20 @@ def op_samples() -> dict[str, tuple]:
             torch.randn(7),
             torch.bfloat16,
         ),  # fmt: skip
+        # 3 tokens of 64 -> 40 channels in 2 groups, act-order, bias
+        "wna16_gemm": (
+            torch.randn(3, 64),
+            pack_int4(torch.randint(0, 16, (64, 40))),
+            torch.rand(2, 40) + 0.01,
+            pack_int4(torch.randint(0, 16, (2, 40))),
+            torch.randperm(64),
+            torch.randn(40),
+        ),  # fmt: skip
+        "wna16_dequant": (
+            pack_int4(torch.randint(0, 16, (64, 40))),
+            (torch.rand(2, 40) + 0.01).to(torch.bfloat16),
+            pack_int4(torch.randint(0, 16, (2, 40))),
+        ),  # fmt: skip
     }
 
 
@@ -264,6 +279,8 @@ OPCHECK_CASES = [
     "int8_quant_per_token",
     "int8_quant_static",
     "int8_scaled_mm",
+    "wna16_gemm",
+    "wna16_dequant",
 ]
 
 

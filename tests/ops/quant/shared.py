@@ -95,3 +95,93 @@ MM_CASES = {
     "zero point 9, no bias": (3, 33, 17, {"zero_point": 9, "per_tensor": True, "bias": False}),
     "strided x_q": (7, 120, 40, {"strided": True}),
 }
+
+
+# Weight-only int4 (wNa16) ----------------------------------------------------------------------
+
+#: The documented layout (int4_layout.py), written out here: bits 4i .. 4i+3 of word [k, c]
+#: hold channel 8c + DOCUMENTED_ORDER[i].
+DOCUMENTED_ORDER = (4, 0, 5, 1, 6, 2, 7, 3)
+
+
+def plain_pack(values: torch.Tensor) -> torch.Tensor:
+    """Unsigned 4-bit values [R, N] -> int32 words [R, N / 8], one nibble at a time in int64."""
+    rows, channels = values.shape
+    words = torch.zeros(rows, channels // 8, dtype=torch.int64)
+    for nibble, channel in enumerate(DOCUMENTED_ORDER):
+        words |= values[:, channel::8].long() << (4 * nibble)
+    return (words - (words >= 2**31).long() * 2**32).to(torch.int32)  # the int32 bit pattern
+
+
+def plain_unpack(words: torch.Tensor) -> torch.Tensor:
+    """int32 words [R, N / 8] -> int64 [R, N]."""
+    unsigned = words.long() & 0xFFFFFFFF
+    values = torch.empty(words.shape[0], words.shape[1] * 8, dtype=torch.int64)
+    for nibble, channel in enumerate(DOCUMENTED_ORDER):
+        values[:, channel::8] = (unsigned >> (4 * nibble)) & 0xF
+    return values
+
+
+def plain_dequant(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+    """W [K, N] = (q - z[k // (K / G)]) * s[k // (K / G)], exact in float64."""
+    depth, groups = w_packed.shape[0], scales.shape[0]
+    group = torch.arange(depth) // (depth // groups)
+    q, z = plain_unpack(w_packed), plain_unpack(zeros)[group]
+    return (q - z).double() * scales.double()[group]
+
+
+def plain_wna16_gemm(x, w_packed, scales, zeros, input_order, bias) -> torch.Tensor:
+    """x' @ W (+ bias) in float64, W rounded to x's dtype first (as the op specifies)."""
+    w = plain_dequant(w_packed, scales, zeros).to(x.dtype).double()
+    rows = x.double() if input_order is None else x.double()[..., input_order]
+    out = rows @ w
+    return out if bias is None else out + bias.to(x.dtype).double()
+
+
+def int4_operands(depth: int, channels: int, groups: int, dtype: torch.dtype,
+                  zero_points: str = "random", strided: bool = False):  # fmt: skip
+    """w_packed, scales, zeros; zero_points "random", "extremes" (0 and 15) or "symmetric" (8);
+    strided: column slices of packed tensors twice as wide."""
+    width = 2 * channels if strided else channels
+    q = torch.randint(0, 16, (depth, width))
+    z = {
+        "random": torch.randint(0, 16, (groups, width)),
+        "extremes": torch.arange(groups * width).view(groups, width) % 2 * 15,
+        "symmetric": torch.full((groups, width), 8),
+    }[zero_points]
+    scales = (torch.rand(groups, width) * 0.02 + 0.002).to(dtype)
+    w_packed, zeros = plain_pack(q), plain_pack(z)
+    if strided:
+        words = channels // 8
+        return w_packed[:, words:], scales[:, channels:], zeros[:, words:]
+    return w_packed, scales, zeros
+
+
+def wna16_inputs(shape: tuple[int, ...], channels: int, groups: int, dtype: torch.dtype,
+                 bias: bool = True, ordered: bool = False, strided_x: bool = False,
+                 **operands):  # fmt: skip
+    """wna16_gemm's arguments: x [*shape], w_packed, scales, zeros, input_order, bias."""
+    depth = shape[-1]
+    if strided_x:
+        x = torch.randn(*shape[:-1], depth + 8).to(dtype)[..., 8:]
+    else:
+        x = torch.randn(shape).to(dtype)
+    w_packed, scales, zeros = int4_operands(depth, channels, groups, dtype, **operands)
+    order = torch.randperm(depth) if ordered else None
+    b = torch.randn(channels).to(dtype) if bias else None
+    return x, w_packed, scales, zeros, order, b
+
+
+#: wna16_gemm shapes: x's shape, channels (N), groups (G), wna16_inputs options.
+WNA16_CASES = {
+    "1 token, N 8, K 8, one group": ((1, 8), 8, 1, {}),
+    "1 token, N 40, K 96 in 3 groups": ((1, 96), 40, 3, {}),
+    "one group, no bias": ((5, 128), 24, 1, {"bias": False}),
+    "groups of 1 row": ((3, 16), 16, 16, {}),
+    "zero points 0 and 15": ((4, 64), 40, 2, {"zero_points": "extremes"}),
+    "symmetric (zero point 8)": ((2, 64), 16, 4, {"zero_points": "symmetric"}),
+    "input_order": ((6, 96), 24, 3, {"ordered": True}),
+    "strided x, no bias": ((7, 96), 40, 3, {"strided_x": True, "bias": False}),
+    "3-D x, input_order": ((2, 3, 64), 16, 2, {"ordered": True}),
+    "strided packed weight": ((3, 64), 40, 4, {"strided": True}),
+}

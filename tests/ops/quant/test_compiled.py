@@ -1,21 +1,22 @@
-"""The quantization family's emulated fast path (vllm_kunlun/ops/quant/compiled.py): the W8A8
+"""The quantization family's emulated fast paths (vllm_kunlun/ops/quant/compiled.py): the W8A8
 GEMM on torch._int_mm gives bitwise the reference's result (both accumulate exactly and share
-the float32 epilogue); other devices and a torch without _int_mm run the reference."""
+the float32 epilogue); other devices and a torch without _int_mm run the reference. The int4
+(wNa16) dequantization from bytes gives bitwise the reference's weights and GEMM results; other
+devices and a big-endian host run the reference."""
 
 import pytest
 import torch
 
 from tests.ops.helpers import DTYPES
-from tests.ops.quant.shared import MM_CASES, mm_inputs
+from tests.ops.quant.shared import MM_CASES, WNA16_CASES, int4_operands, mm_inputs, wna16_inputs
 from vllm_kunlun.ops.provider import Provider
 from vllm_kunlun.ops.quant import compiled, reference
 
-pytestmark = [
-    pytest.mark.usefixtures("one_thread"),
-    pytest.mark.skipif(not hasattr(torch, "_int_mm"), reason="torch without _int_mm"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
+needs_int_mm = pytest.mark.skipif(not hasattr(torch, "_int_mm"), reason="torch without _int_mm")
 
 
+@needs_int_mm
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", MM_CASES.values(), ids=MM_CASES.keys())
 def test_bitwise_the_reference(dtype, case):
@@ -26,12 +27,14 @@ def test_bitwise_the_reference(dtype, case):
     assert torch.equal(got, reference.int8_scaled_mm(*args))
 
 
+@needs_int_mm
 @pytest.mark.parametrize("zero_point", [None, -128, 77])
 def test_bitwise_the_reference_at_large_k(zero_point):
     args = mm_inputs(3, 8192, 6, torch.float32, zero_point=zero_point)
     assert torch.equal(compiled.int8_scaled_mm(*args), reference.int8_scaled_mm(*args))
 
 
+@needs_int_mm
 def test_int8_on_the_host_takes_int_mm(monkeypatch):
     """The comparisons above could pass on the fallback alone."""
     monkeypatch.setattr(reference, "int8_accumulate", lambda *a: 1 / 0)
@@ -43,15 +46,73 @@ def test_int8_on_the_host_takes_int_mm(monkeypatch):
         compiled.int8_scaled_mm(*args)
 
 
+@needs_int_mm
 def test_other_devices_run_the_reference():
     x_q, w_q = torch.empty(2, 8, dtype=torch.int8), torch.empty(3, 8, dtype=torch.int8)
     assert compiled.takes(x_q, w_q)
     assert not compiled.takes(x_q.to("meta"), w_q.to("meta"))
 
 
+@needs_int_mm
 def test_the_provider_runs_the_fast_path():
     kernels = Provider("compiled")  # sources are resolved without building anything
     assert kernels.int8_scaled_mm is compiled.int8_scaled_mm
     assert kernels.sources["int8_scaled_mm"] == "quant.compiled"
     assert kernels.sources["int8_quant_per_token"] == "quant.reference"
     assert kernels.sources["int8_quant_static"] == "quant.reference"
+
+
+# Weight-only int4 (wNa16) ----------------------------------------------------------------------
+
+
+def test_the_provider_runs_the_int4_fast_path():
+    kernels = Provider("compiled")
+    assert kernels.wna16_gemm is compiled.wna16_gemm
+    assert kernels.wna16_dequant is compiled.wna16_dequant
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", WNA16_CASES.values(), ids=WNA16_CASES.keys())
+def test_wna16_bitwise_the_reference(dtype, case):
+    shape, channels, groups, options = case
+    args = wna16_inputs(shape, channels, groups, dtype, **options)
+    got = compiled.wna16_gemm(*args)
+    assert got.dtype == dtype and got.is_contiguous()
+    assert torch.equal(got, reference.wna16_gemm(*args))
+    operands = args[1:4]
+    assert torch.equal(compiled.wna16_dequant(*operands), reference.wna16_dequant(*operands))
+
+
+@pytest.mark.parametrize("scales_dtype", DTYPES)
+@pytest.mark.parametrize("x_dtype", DTYPES)
+def test_wna16_bitwise_the_reference_with_other_scale_dtypes(x_dtype, scales_dtype):
+    x, w_packed, scales, zeros, _, bias = wna16_inputs((8, 256), 48, 2, x_dtype)
+    args = (x, w_packed, scales.to(scales_dtype), zeros, None, bias)
+    assert torch.equal(compiled.wna16_gemm(*args), reference.wna16_gemm(*args))
+    assert torch.equal(compiled.wna16_dequant(*args[1:4]), reference.wna16_dequant(*args[1:4]))
+
+
+def test_wna16_on_the_host_unpacks_bytes(monkeypatch):
+    """The comparisons above could pass on the fallback alone."""
+    monkeypatch.setattr(reference, "unpack_int4", lambda *a: 1 / 0)
+    args = wna16_inputs((2, 64), 16, 2, torch.bfloat16)
+    compiled.wna16_gemm(*args)  # no ZeroDivisionError: the bytes were unpacked
+    compiled.wna16_dequant(*args[1:4])
+    monkeypatch.setattr(compiled.sys, "byteorder", "big")
+    assert not compiled.takes_int4(args[1])
+    with pytest.raises(ZeroDivisionError):
+        compiled.wna16_gemm(*args)
+
+
+def test_wna16_other_devices_run_the_reference():
+    w_packed, scales, zeros = int4_operands(64, 16, 2, torch.float16)
+    assert compiled.takes_int4(w_packed)
+    assert not compiled.takes_int4(w_packed.to("meta"))
+    got = compiled.wna16_dequant(w_packed.to("meta"), scales.to("meta"), zeros.to("meta"))
+    assert got.device.type == "meta" and got.shape == (64, 16)
+
+
+def test_wna16_refuses_k_not_a_multiple_of_the_groups():
+    w_packed, scales, zeros = int4_operands(100, 16, 1, torch.float16)
+    with pytest.raises(ValueError, match="is not a multiple of the number of groups"):
+        compiled.wna16_dequant(w_packed, scales.expand(3, 16), zeros.expand(3, 2))

@@ -1,14 +1,24 @@
 """The quantization family's Kunlun binding (vllm_kunlun/ops/quant/kunlun.py) against the
 recorded kunlun_ops API (KUNLUN.md §2g), through the stand-in library (tests/standin): every call
 is checked against the recorded contract (keyword forms, int8 operands, float32 absmax and bias,
-contiguity, preallocated outputs) and must give the reference kernels' results. This is all the
+int32 packed int4 words, fp16 int4 outputs, contiguity, preallocated outputs) and must give the
+reference kernels' results (the int4 ops within the fp16 weights' rounding). This is all the
 verification the binding has until it runs on a Kunlun XPU."""
 
 import pytest
 import torch
 
-from tests.ops.helpers import DTYPES, standin_calls
-from tests.ops.quant.shared import MM_CASES, mm_inputs, ties
+from tests.ops.helpers import DTYPES, assert_close_to, standin_calls
+from tests.ops.quant.shared import (
+    MM_CASES,
+    WNA16_CASES,
+    int4_operands,
+    mm_inputs,
+    plain_dequant,
+    plain_pack,
+    ties,
+    wna16_inputs,
+)
 from vllm_kunlun.ops.provider import Provider
 from vllm_kunlun.ops.quant import kunlun as quant_kunlun
 from vllm_kunlun.ops.quant import reference
@@ -16,7 +26,7 @@ from vllm_kunlun.ops.quant import reference
 # Loading -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["quant2d", "matmul"])
+@pytest.mark.parametrize("name", ["quant2d", "matmul", "awq_gemm", "awq_dequantize"])
 def test_load_rejects_a_build_without_a_quant_kernel(use_standin, monkeypatch, name):
     ops = use_standin()
     monkeypatch.delattr(ops, name)
@@ -39,9 +49,28 @@ def test_load_rejects_quant2d_without_force_sdnn(use_standin, monkeypatch):
         Provider("kunlun").prepare()
 
 
+@pytest.mark.parametrize(
+    ("name", "signature", "missing"),
+    [
+        ("awq_gemm", lambda x, w, scale, zeros, out, align_type: None, "group_size"),
+        ("awq_dequantize", lambda qweight, scales, zeros, weight, group_m, align_type: None,
+         "quant_type"),
+    ],
+)  # fmt: skip
+def test_load_rejects_int4_kernels_without_the_recorded_keywords(
+    use_standin, monkeypatch, name, signature, missing
+):
+    ops = use_standin()
+    monkeypatch.setattr(ops, name, signature)
+    with pytest.raises(RuntimeError, match=f"{name} does not accept {missing}"):
+        Provider("kunlun").prepare()
+
+
 def test_the_quant_ops_are_bound_or_name_the_reference(kunlun):
     assert kunlun.sources["int8_quant_per_token"] == "quant.kunlun"
     assert kunlun.sources["int8_scaled_mm"] == "quant.kunlun"
+    assert kunlun.sources["wna16_gemm"] == "quant.kunlun"
+    assert kunlun.sources["wna16_dequant"] == "quant.kunlun"
     # no recorded kunlun_ops kernel (only xspeedgate_ops.static_scaled_int8_quant)
     assert kunlun.sources["int8_quant_static"] == "quant.reference"
 
@@ -197,3 +226,178 @@ def test_standin_matmul_checks_its_contract(use_standin):
         ops.matmul(**{**good, "beta": 1.0})
     with pytest.raises(AssertionError, match="x must be contiguous"):
         ops.matmul(**{**good, "x": torch.randint(-127, 128, (3, 24), dtype=torch.int8)[:, 8:]})
+
+
+# Weight-only int4: awq_gemm, awq_dequantize ------------------------------------------------------
+
+
+def assert_int4_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """The Kunlun kernels write fp16 weights only: a float32 result carries fp16's precision
+    (2^-11 relative per weight), judged against the largest output like check-kernels' wNa16
+    cases (rtol 1e-3); the 16-bit dtypes within their usual tolerance."""
+    if got.dtype == torch.float32:
+        assert want.dtype == torch.float32 and got.shape == want.shape
+        assert float((got - want).abs().max()) <= 1e-5 + 1e-3 * float(want.abs().max())
+    else:
+        assert_close_to(got, want, want.dtype)
+
+
+@pytest.mark.parametrize("case", WNA16_CASES.values(), ids=WNA16_CASES.keys())
+def test_fp16_small_batches_use_awq_gemm(kunlun, case):
+    shape, channels, groups, options = case
+    args = wna16_inputs(shape, channels, groups, torch.float16, **options)
+    got = kunlun.wna16_gemm(*args)
+    assert got.dtype == torch.float16 and got.is_contiguous()
+    assert got.shape == (*shape[:-1], channels)
+    assert_close_to(got, reference.wna16_gemm(*args), torch.float16)
+    assert standin_calls() == {"awq_gemm": 1}
+
+
+def test_fp16_from_256_rows_dequantizes_then_multiplies(kunlun):
+    args = wna16_inputs((256, 96), 40, 3, torch.float16, ordered=True)
+    got = kunlun.wna16_gemm(*args)
+    assert_close_to(got, reference.wna16_gemm(*args), torch.float16)
+    assert standin_calls() == {"awq_dequantize": 1}
+    kunlun.wna16_gemm(*wna16_inputs((255, 96), 40, 3, torch.float16))
+    assert standin_calls() == {"awq_dequantize": 1, "awq_gemm": 1}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", WNA16_CASES.values(), ids=WNA16_CASES.keys())
+def test_other_dtypes_dequantize_to_fp16_then_multiply(kunlun, dtype, case):
+    shape, channels, groups, options = case
+    args = wna16_inputs(shape, channels, groups, dtype, **options)
+    got = kunlun.wna16_gemm(*args)
+    assert got.dtype == dtype and got.is_contiguous() and got.shape == (*shape[:-1], channels)
+    assert_int4_close(got, reference.wna16_gemm(*args))
+    assert standin_calls() == {"awq_dequantize": 1}
+
+
+def test_awq_gemm_gets_the_recorded_arguments(kunlun, monkeypatch):
+    """Keywords; the packed tensors unchanged with align_type 0 (the layout is the normal
+    alignment); group_size K / G; x as contiguous rows; out fp16, preallocated; x permuted by
+    input_order before the kernel and the bias added after it."""
+    seen = {}
+    awq_gemm = quant_kunlun.library().awq_gemm
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return awq_gemm(**kwargs)
+
+    monkeypatch.setattr(quant_kunlun.library(), "awq_gemm", spy)
+    x, w_packed, scales, zeros, order, bias = wna16_inputs((2, 3, 96), 40, 3, torch.float16,
+                                                           ordered=True)  # fmt: skip
+    out = kunlun.wna16_gemm(x, w_packed, scales, zeros, order, bias)
+    assert (seen["align_type"], seen["group_size"]) == (0, 32)
+    assert seen["w"] is w_packed and seen["scale"] is scales and seen["zeros"] is zeros
+    assert seen["x"].shape == (6, 96) and seen["x"].is_contiguous()
+    assert torch.equal(seen["x"], x[..., order].reshape(6, 96))
+    assert seen["out"].dtype == torch.float16 and seen["out"].shape == (6, 40)
+    assert torch.equal(out, (seen["out"] + bias).view(2, 3, 40))
+
+
+def test_awq_dequantize_gets_the_recorded_arguments(kunlun, monkeypatch):
+    seen = {}
+    awq_dequantize = quant_kunlun.library().awq_dequantize
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return awq_dequantize(**kwargs)
+
+    monkeypatch.setattr(quant_kunlun.library(), "awq_dequantize", spy)
+    w_packed, scales, zeros = int4_operands(128, 24, 8, torch.bfloat16, strided=True)
+    kunlun.wna16_dequant(w_packed, scales, zeros)
+    assert (seen["quant_type"], seen["align_type"], seen["group_m"]) == (0, 0, 16)
+    for name, given in (("qweight", w_packed), ("scales", scales), ("zeros", zeros)):
+        assert seen[name].is_contiguous() and torch.equal(seen[name], given)
+    assert seen["weight"].dtype == torch.float16 and seen["weight"].shape == (128, 24)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequant_uses_awq_dequantize(kunlun, dtype):
+    w_packed, scales, zeros = int4_operands(96, 40, 3, dtype, zero_points="extremes")
+    got = kunlun.wna16_dequant(w_packed, scales, zeros)
+    assert got.dtype == dtype and got.shape == (96, 40) and got.is_contiguous()
+    want = reference.wna16_dequant(w_packed, scales, zeros)
+    if dtype == torch.float16:  # the kernel's own dtype: the same single rounding
+        assert torch.equal(got, want)
+    assert_int4_close(got, want)
+    assert standin_calls() == {"awq_dequantize": 1}
+
+
+def test_int4_zero_tokens_call_no_kernel(kunlun):
+    out = kunlun.wna16_gemm(*wna16_inputs((0, 64), 16, 2, torch.float16))
+    assert out.shape == (0, 16) and out.dtype == torch.float16
+    assert standin_calls() == {}
+
+
+def test_int4_refuses_k_not_a_multiple_of_the_groups(kunlun):
+    w_packed, scales, zeros = int4_operands(100, 16, 1, torch.float16)
+    x = torch.randn(2, 100).half()
+    with pytest.raises(ValueError, match="is not a multiple of the number of groups"):
+        kunlun.wna16_gemm(x, w_packed, scales.expand(3, 16), zeros.expand(3, 2), None, None)
+    assert standin_calls() == {}
+
+
+# The stand-in's int4 contract checks -------------------------------------------------------------
+
+
+def _awq_gemm_arguments() -> dict:
+    w_packed, scales, zeros = int4_operands(64, 16, 2, torch.float16)
+    return dict(x=torch.randn(3, 64).half(), w=w_packed, scale=scales, zeros=zeros,
+                out=torch.empty(3, 16, dtype=torch.float16), align_type=0,
+                group_size=32)  # fmt: skip
+
+
+def test_standin_awq_decodes_the_recorded_nibble_order(use_standin):
+    """Channel j = j, zero points 0, scales 1: the weight is each row's channel numbers."""
+    ops = use_standin()
+    q = torch.arange(16).remainder(8).expand(2, 16)  # two words per row, channels 0..7 twice
+    weight = torch.empty(2, 16, dtype=torch.float16)
+    ops.awq_dequantize(qweight=plain_pack(q), scales=torch.ones(1, 16).half(),
+                       zeros=plain_pack(torch.zeros(1, 16)), weight=weight, group_m=2,
+                       quant_type=0, align_type=0)  # fmt: skip
+    assert torch.equal(weight, q.half())
+
+
+def test_standin_awq_gemm_checks_its_contract(use_standin):
+    ops = use_standin()
+    good = _awq_gemm_arguments()
+    ops.awq_gemm(**good)
+    want = good["x"].float() @ plain_dequant(good["w"], good["scale"], good["zeros"]).float()
+    assert torch.equal(good["out"], want.half())
+    with pytest.raises(AssertionError, match="recorded form"):
+        ops.awq_gemm(*good.values())
+    with pytest.raises(AssertionError, match="out must be torch.float16"):
+        ops.awq_gemm(**{**good, "out": torch.empty(3, 16, dtype=torch.bfloat16)})
+    with pytest.raises(AssertionError, match="only align_type=0"):
+        ops.awq_gemm(**{**good, "align_type": 1})
+    with pytest.raises(AssertionError, match="group size must be K / #groups = 64 / 2"):
+        ops.awq_gemm(**{**good, "group_size": 16})
+    with pytest.raises(AssertionError, match="qweight must be int32"):
+        ops.awq_gemm(**{**good, "w": good["w"].long()})
+    with pytest.raises(AssertionError, match="x must be contiguous"):
+        ops.awq_gemm(**{**good, "x": torch.randn(3, 72).half()[:, 8:]})
+    with pytest.raises(AssertionError, match="zeros must be \\[2, 2\\]"):
+        ops.awq_gemm(**{**good, "zeros": good["zeros"][:1]})
+    with pytest.raises(AssertionError, match="out must be preallocated as \\(3, 16\\)"):
+        ops.awq_gemm(**{**good, "out": torch.empty(3, 8, dtype=torch.float16)})
+
+
+def test_standin_awq_dequantize_checks_its_contract(use_standin):
+    ops = use_standin()
+    w_packed, scales, zeros = int4_operands(64, 16, 2, torch.bfloat16)
+    good = dict(qweight=w_packed, scales=scales, zeros=zeros,
+                weight=torch.empty(64, 16, dtype=torch.float16), group_m=32, quant_type=0,
+                align_type=0)  # fmt: skip
+    ops.awq_dequantize(**good)
+    assert torch.equal(good["weight"], plain_dequant(w_packed, scales, zeros).half())
+    with pytest.raises(AssertionError, match="weight must be torch.float16"):
+        ops.awq_dequantize(**{**good, "weight": torch.empty(64, 16)})
+    with pytest.raises(AssertionError, match="only quant_type=0"):
+        ops.awq_dequantize(**{**good, "quant_type": 1})
+    with pytest.raises(AssertionError, match="align_type must be 0 \\(normal\\) or 1"):
+        ops.awq_dequantize(**{**good, "align_type": 2})
+    with pytest.raises(AssertionError, match="qweight must be contiguous"):
+        ops.awq_dequantize(**{**good, "qweight": int4_operands(64, 16, 2, torch.bfloat16,
+                                                               strided=True)[0]})  # fmt: skip

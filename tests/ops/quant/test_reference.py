@@ -1,9 +1,10 @@
 """The quantization family's reference kernels (vllm_kunlun/ops/quant/reference.py) against
 plain float64 / integer formulas (tests/ops/quant/shared.py): per-token and static int8
 quantization (rounding half to even, the clamp, zero rows, ties, the dequantization error) and
-the W8A8 GEMM (exact accumulation, zero points, per-tensor and per-token absmax, bias), across
-fp32/bf16/fp16 and awkward shapes; the custom ops' fake implementations; no host syncs; and
-check-kernels' comparison of quantized (integer) outputs."""
+the W8A8 GEMM (exact accumulation, zero points, per-tensor and per-token absmax, bias), and the
+weight-only int4 ops (the packed layout, dequantization, the GEMM with input_order and bias, the
+shape refusals) across fp32/bf16/fp16 and awkward shapes; the custom ops' fake implementations;
+no host syncs; and check-kernels' comparison of quantized (integer) outputs."""
 
 import pytest
 import torch
@@ -13,18 +14,26 @@ from torch.library import opcheck
 from tests.ops.helpers import DTYPES, assert_close_to
 from tests.ops.quant.shared import (
     MM_CASES,
+    WNA16_CASES,
     assert_quantized,
+    int4_operands,
     mm_inputs,
+    plain_dequant,
+    plain_pack,
     plain_per_token,
     plain_scaled_mm,
     plain_static,
+    plain_unpack,
+    plain_wna16_gemm,
     round_half_even,
     ties,
+    wna16_inputs,
 )
 from vllm_kunlun.ops.check.runner import FAIL, PASS, cases_by_op, run_case
 from vllm_kunlun.ops.check.syncs import HostSyncCounter
 from vllm_kunlun.ops.provider import Provider, declared_ops
 from vllm_kunlun.ops.quant import reference
+from vllm_kunlun.ops.quant.int4_layout import pack_int4, unpack_int4
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -325,3 +334,148 @@ def test_check_kernels_judges_quantized_values_on_their_own(case_name, amount, s
     assert result.max_abs_error == amount
     if status == FAIL:
         assert f"integer outputs differ by {amount}" in result.message
+
+
+# Weight-only int4 (wNa16) ------------------------------------------------------------------------
+
+
+def test_int4_layout_is_the_documented_packing():
+    values = torch.randint(0, 16, (5, 48))
+    values[0] = 15  # every word's top nibble set: negative int32 words
+    values[1] = 0
+    packed = pack_int4(values)
+    assert packed.dtype == torch.int32 and torch.equal(packed, plain_pack(values))
+    assert bool((packed[0] < 0).all())
+    assert torch.equal(unpack_int4(packed).long(), values)
+    assert torch.equal(plain_unpack(packed), values)
+
+
+def test_int4_layout_nibble_order_in_one_word():
+    """Channel j = j: the word's nibbles, lowest first, are channels 4, 0, 5, 1, 6, 2, 7, 3."""
+    word = int(pack_int4(torch.arange(8).view(1, 8)).item()) & 0xFFFFFFFF
+    assert [(word >> (4 * i)) & 0xF for i in range(8)] == [4, 0, 5, 1, 6, 2, 7, 3]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", WNA16_CASES.values(), ids=WNA16_CASES.keys())
+def test_wna16_dequant_is_the_exact_value_rounded_once(dtype, case):
+    shape, channels, groups, options = case
+    operands = {k: v for k, v in options.items() if k in ("zero_points", "strided")}
+    w_packed, scales, zeros = int4_operands(shape[-1], channels, groups, dtype, **operands)
+    got = reference.wna16_dequant(w_packed, scales, zeros)
+    assert got.dtype == dtype and got.is_contiguous() and got.shape == (shape[-1], channels)
+    assert torch.equal(got, plain_dequant(w_packed, scales, zeros).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_wna16_dequant_extreme_nibbles(dtype):
+    """q and z at 0 and 15: W = +-15 s and 0, exactly."""
+    q = torch.tensor([[0] * 8, [15] * 8, [0] * 8, [15] * 8])
+    z = torch.tensor([[15] * 8, [0] * 8])  # group 0: rows 0-1, group 1: rows 2-3
+    scales = torch.tensor([[0.5] * 8, [0.25] * 8]).to(dtype)
+    got = reference.wna16_dequant(plain_pack(q), scales, plain_pack(z))
+    want = torch.tensor([[-7.5] * 8, [0.0] * 8, [0.0] * 8, [3.75] * 8])
+    assert torch.equal(got, want.to(dtype))
+
+
+def test_wna16_dequant_rounds_float32_scales_once_to_them():
+    w_packed, scales, zeros = int4_operands(64, 16, 2, torch.float32)
+    got = reference.wna16_dequant(w_packed, scales, zeros)
+    assert torch.equal(got, plain_dequant(w_packed, scales, zeros).float())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", WNA16_CASES.values(), ids=WNA16_CASES.keys())
+def test_wna16_gemm(dtype, case):
+    shape, channels, groups, options = case
+    args = wna16_inputs(shape, channels, groups, dtype, **options)
+    got = reference.wna16_gemm(*args)
+    assert got.is_contiguous() and got.shape == (*shape[:-1], channels)
+    assert_close_to(got, plain_wna16_gemm(*args), dtype)
+
+
+def test_wna16_gemm_input_order_permutes_x():
+    x, w_packed, scales, zeros, order, bias = wna16_inputs((2, 3, 64), 16, 4, torch.bfloat16,
+                                                           ordered=True)  # fmt: skip
+    got = reference.wna16_gemm(x, w_packed, scales, zeros, order, bias)
+    permuted = x[..., order].contiguous()
+    assert torch.equal(got, reference.wna16_gemm(permuted, w_packed, scales, zeros, None, bias))
+
+
+def test_wna16_gemm_scales_and_bias_dtypes_may_differ_from_x():
+    x, w_packed, scales, zeros, _, bias = wna16_inputs((3, 64), 24, 2, torch.bfloat16)
+    args = (x, w_packed, scales.float(), zeros, None, bias.half())
+    got = reference.wna16_gemm(*args)
+    assert_close_to(got, plain_wna16_gemm(*args), torch.bfloat16)
+
+
+@pytest.mark.parametrize("op", ["gemm", "dequant"])
+def test_wna16_refuses_k_not_a_multiple_of_the_groups(op):
+    w_packed, scales, zeros = int4_operands(100, 16, 1, torch.float16)
+    scales, zeros = scales.expand(3, 16), zeros.expand(3, 2)  # G = 3 groups over K = 100 rows
+    match = "K = 100 .* is not a multiple of the number of groups G = 3"
+    with pytest.raises(ValueError, match=match):
+        if op == "gemm":
+            reference.wna16_gemm(torch.randn(2, 100).half(), w_packed, scales, zeros, None, None)
+        else:
+            reference.wna16_dequant(w_packed, scales, zeros)
+
+
+def test_wna16_refuses_mismatched_shapes():
+    x, w_packed, scales, zeros, _, _ = wna16_inputs((2, 64), 16, 2, torch.float32)
+    bad = {
+        "scales have N = 24 columns": (x, w_packed, torch.ones(2, 24), zeros, None),
+        "zeros must be \\[G, N / 8\\]": (x, w_packed, scales, zeros[:, :1], None),
+        "x has 63 features": (x[:, :63], w_packed, scales, zeros, None),
+        "input_order must be \\[K\\]": (x, w_packed, scales, zeros, torch.arange(32)),
+    }
+    for match, args in bad.items():
+        with pytest.raises(ValueError, match=match):
+            reference.wna16_gemm(*args, None)
+
+
+def test_wna16_zero_tokens():
+    args = wna16_inputs((0, 64), 16, 2, torch.bfloat16)
+    out = reference.wna16_gemm(*args)
+    assert out.shape == (0, 16) and out.dtype == torch.bfloat16
+
+
+def test_wna16_no_host_sync():
+    args = wna16_inputs((2, 3, 96), 40, 3, torch.bfloat16, ordered=True)
+    with HostSyncCounter() as counter:
+        reference.wna16_gemm(*args)
+        reference.wna16_dequant(*args[1:4])
+    assert counter.total == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_wna16_opcheck(reference_ops, dtype):
+    gemm = torch.ops.kunlun.wna16_gemm.default
+    opcheck(gemm, wna16_inputs((3, 64), 40, 2, dtype))
+    opcheck(gemm, wna16_inputs((2, 3, 96), 16, 3, dtype, ordered=True, bias=False))
+    opcheck(gemm, wna16_inputs((4, 64), 24, 1, dtype, strided_x=True))
+    dequant = torch.ops.kunlun.wna16_dequant.default
+    opcheck(dequant, int4_operands(96, 40, 3, dtype))
+    opcheck(dequant, int4_operands(64, 16, 2, dtype, strided=True))
+
+
+def test_wna16_fake_implementations_give_shapes_and_dtypes():
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 96, dtype=torch.bfloat16)
+        w_packed = torch.empty(96, 5, dtype=torch.int32)
+        scales, zeros = (
+            torch.empty(3, 40, dtype=torch.float16),
+            torch.empty(3, 5, dtype=torch.int32),
+        )
+        out = torch.ops.kunlun.wna16_gemm(x, w_packed, scales, zeros, None, None)
+        assert (out.shape, out.dtype) == ((2, 3, 40), torch.bfloat16)
+        w = torch.ops.kunlun.wna16_dequant(w_packed, scales, zeros)
+        assert (w.shape, w.dtype) == ((96, 40), torch.float16)
+
+
+def test_wna16_custom_ops_run_the_reference(reference_ops):
+    args = wna16_inputs((3, 64), 16, 2, torch.bfloat16, ordered=True)
+    assert torch.equal(torch.ops.kunlun.wna16_gemm(*args), reference.wna16_gemm(*args))
+    assert torch.equal(torch.ops.kunlun.wna16_dequant(*args[1:4]),
+                       reference.wna16_dequant(*args[1:4]))  # fmt: skip
+    assert declared_ops()["wna16_gemm"].family == "quant"

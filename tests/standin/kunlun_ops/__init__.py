@@ -760,3 +760,74 @@ def matmul(*, x, w, out, x_trans=False, w_trans=True, alpha=1.0, beta=0.0, bias=
         tuple(out.shape) == (rows, channels), f"out must be preallocated as ({rows}, {channels})"
     )
     out.copy_(quant.int8_scaled_mm(x, x_pc_max, w, w_pc_max, None, bias, out.dtype))
+
+
+# Weight-only int4: awq_gemm and awq_dequantize (§2g) ------------------------------------------
+# Decoded here from the recorded repack, independently of the plugin's int4_layout.py; the
+# arithmetic is the binding's assumption (vllm_kunlun/ops/quant/kunlun.py): W = (q - z) * s in
+# float32, unsigned q and z; awq_gemm accumulates in float32 and rounds once to its fp16 out.
+
+#: align_type 0 ("normal"): the nibble in bits 4i .. 4i+3 of word c is channel 8c + ORDER[i].
+_AWQ_NORMAL_ORDER = (4, 0, 5, 1, 6, 2, 7, 3)
+
+
+def _awq_unpack(name: str, packed: object, rows: int, channels: int) -> torch.Tensor:
+    """int32 [rows, channels / 8] in the normal alignment -> int64 [rows, channels]."""
+    _tensor(name, packed, 2)
+    _int32(name, packed)
+    words = channels // 8
+    _expect(tuple(packed.shape) == (rows, words), f"{name} must be [{rows}, {words}] int32 words, "
+            f"got {tuple(packed.shape)}")  # fmt: skip
+    unsigned = packed.long() & 0xFFFFFFFF
+    values = torch.empty(rows, words, 8, dtype=torch.int64, device=packed.device)
+    for nibble, channel in enumerate(_AWQ_NORMAL_ORDER):
+        values[:, :, channel] = (unsigned >> (4 * nibble)) & 0xF
+    return values.reshape(rows, channels)
+
+
+def _awq_weight(qweight, scales, zeros, group: object, align_type: object) -> torch.Tensor:
+    """The float32 W [K, N] = (q - z[k // group]) * s[k // group]."""
+    _expect(align_type in (0, 1), f"align_type must be 0 (normal) or 1 (fast), got {align_type}")
+    _expect(align_type == 0, "only align_type=0 (normal) is modeled: the plugin never packs the "
+            "fast alignment's 64-nibble interleave")  # fmt: skip
+    _tensor("scales", scales, 2)
+    _floating("scales", scales)
+    groups, channels = scales.shape
+    _expect(channels % 8 == 0, f"scales must have N a multiple of 8 columns, got {channels}")
+    _tensor("qweight", qweight, 2)
+    depth = qweight.shape[0]
+    _expect(isinstance(group, int) and group > 0 and group * groups == depth,
+            f"the group size must be K / #groups = {depth} / {groups}, got {group!r}")  # fmt: skip
+    q = _awq_unpack("qweight", qweight, depth, channels)
+    z = _awq_unpack("zeros", zeros, groups, channels)
+    group_of_row = torch.arange(depth, device=q.device) // group
+    return ((q - z[group_of_row]).double() * scales.double()[group_of_row]).float()
+
+
+@_kernel
+def awq_gemm(*, x, w, scale, zeros, out, align_type, group_size) -> None:
+    """out fp16 [M, N] = x [M, K] @ W, W dequantized from w (qweight) int32 [K, N / 8], scale
+    [K / group_size, N] and zeros (qzeros) int32 [K / group_size, N / 8]."""
+    weight = _awq_weight(w, scale, zeros, group_size, align_type)
+    _tensor("x", x, 2)
+    _floating("x", x)
+    rows, depth = x.shape
+    _expect(depth == weight.shape[0], f"x must be [M, K={weight.shape[0]}], got {tuple(x.shape)}")
+    _tensor("out", out)
+    _floating("out", out, torch.float16)  # the only recorded out dtype
+    shape = (rows, weight.shape[1])
+    _expect(tuple(out.shape) == shape, f"out must be preallocated as {shape}")
+    out.copy_(x.float() @ weight)
+
+
+@_kernel
+def awq_dequantize(*, qweight, scales, zeros, weight, group_m, quant_type=0, align_type) -> None:
+    """weight fp16 [K, N] = W, dequantized from qweight int32 [K, N / 8], scales [K / group_m, N]
+    and zeros int32 [K / group_m, N / 8]."""
+    _expect(quant_type == 0, f"only quant_type=0 is recorded, got {quant_type}")
+    dequantized = _awq_weight(qweight, scales, zeros, group_m, align_type)
+    _tensor("weight", weight)
+    _floating("weight", weight, torch.float16)  # the only recorded weight dtype
+    shape = tuple(dequantized.shape)
+    _expect(tuple(weight.shape) == shape, f"weight must be preallocated as {shape}")
+    weight.copy_(dequantized)

@@ -1,5 +1,7 @@
 """Quantization family: W8A8 int8 (symmetric dynamic per-token and static per-tensor activation
-quantization, and the int8 GEMM with per-token / per-tensor and per-channel scales).
+quantization, and the int8 GEMM with per-token / per-tensor and per-channel scales), and the
+weight-only int4 GEMM (wNa16: GPTQ, AWQ and compressed-tensors pack-quantized checkpoints, all
+converted at load to one packed layout, int4_layout.py) with its dequantization.
 
 Kunlun's convention throughout (KUNLUN.md C4): activations and weights carry their absmax, not
 their scale; scale = absmax / 127. A checkpoint's scale s therefore reaches these ops as
@@ -79,3 +81,49 @@ def int8_scaled_mm(
     scale * 127); w_q int8 [N, K] (vLLM's / the checkpoint's layout); w_absmax float32 [N] (per
     output channel, checkpoint scale * 127); x_zero_point int32 [1] or None; bias [N] (any float
     dtype) or None. -> new contiguous [R, N] in out_dtype."""
+
+
+def _wna16_gemm_fake(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    input_order: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], scales.shape[-1])
+
+
+def _wna16_dequant_fake(
+    w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+) -> torch.Tensor:
+    return scales.new_empty(w_packed.shape[0], scales.shape[-1])
+
+
+@kernel_op(fake=_wna16_gemm_fake)
+def wna16_gemm(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    input_order: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Weight-only int4 GEMM with group scales and zero points: out = x' @ W (+ bias), where
+    W = wna16_dequant(w_packed, scales, zeros) [K, N] in x's dtype and x' = x, or
+    x[..., input_order] when given (GPTQ's act-order: the load-time sort of the weight's rows
+    that makes every group contiguous). x [..., K] float (may be non-contiguous); w_packed int32
+    [K, N / 8] (int4_layout.py); scales [G, N] any float dtype; zeros int32 [G, N / 8], the
+    unsigned zero points packed like the weight (8 for symmetric formats); group g covers rows
+    [g * K / G, (g + 1) * K / G); K a multiple of G (refused otherwise); input_order int64 [K]
+    or None; bias [N] or None. -> new contiguous [..., N] in x's dtype."""
+
+
+@kernel_op(fake=_wna16_dequant_fake)
+def wna16_dequant(
+    w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+) -> torch.Tensor:
+    """Dequantize packed int4 weights (Kunlun awq_dequantize / dequant_int4 semantics):
+    W[k, n] = (q[k, n] - z[g, n]) * s[g, n] with g = k // (K / G), computed in float32 and rounded
+    once to scales' dtype. w_packed int32 [K, N / 8], scales [G, N], zeros int32 [G, N / 8]
+    (int4_layout.py); K a multiple of G (refused otherwise). -> new contiguous [K, N]."""

@@ -1,10 +1,18 @@
-"""check-kernels cases of the quantization family (W8A8 int8): one token, K odd and not a power
+"""check-kernels cases of the quantization family. W8A8 int8: one token, K odd and not a power
 of two, N odd, a row of zeros, strided and 3-D input, saturation, negative and positive zero
 points, bias and no bias, a per-tensor [1, 1] activation absmax, the exact accumulation over a
-long K, and large batches.
+long K, and large batches. Weight-only int4 (wNa16): one token, N an odd multiple of 8, K not a
+power of two, one group and many, zero points at 0 and 15, act-order input_order, bias and no
+bias, strided and 3-D x, a strided packed weight, 256 rows and more (the Kunlun binding's
+dequantize-then-matmul path), and a large GEMM.
 
 The case's dtype is the activation dtype: x's for the quantization ops, the output's and the
-bias's for the GEMM (its int8 operands and float32 absmaxes do not change with it).
+bias's for the W8A8 GEMM (its int8 operands and float32 absmaxes do not change with it), x's,
+the scales' and the bias's for the wNa16 GEMM, the scales' for the dequantization.
+
+The wNa16 cases allow float32 a relative error of 1e-3: the Kunlun kernels write the weight in
+fp16 only (KUNLUN.md §2g), so a float32 GEMM or dequantization on them carries fp16's 11
+significant bits (up to 2^-11 relative per weight), where the reference rounds to float32.
 
 Quantized values are integer outputs, compared on their own (check/runner.py). Random cases
 allow a difference of one: a kernel that computes x / scale in another order (say
@@ -16,6 +24,7 @@ they check the round-half-to-even the reference specifies (and the Kunlun bindin
 import torch
 
 from vllm_kunlun.ops.check.case import Case, int_tensor, randn, wide_view
+from vllm_kunlun.ops.quant.int4_layout import pack_int4
 
 #: Random quantization cases: a near-tie may round either way in another kernel.
 NEAR_TIE = 1
@@ -112,6 +121,60 @@ def _near(name: str, make, big: bool = False) -> Case:
     return Case(name, make, big=big, integer_tolerance=NEAR_TIE)
 
 
+#: wNa16: fp16 weights on the Kunlun kernels (module docstring).
+FP16_WEIGHTS = {torch.float32: (1e-5, 1e-3)}
+
+
+def _int4_operands(depth: int, channels: int, groups: int, dtype, device, g,
+                   zero_points: str = "random", strided: bool = False):  # fmt: skip
+    """w_packed int32 [K, N / 8], scales [G, N] in dtype, zeros int32 [G, N / 8]. zero_points:
+    "random" (0..15) or "extremes" (0 and 15, alternating); strided: column slices of a packed
+    weight twice as wide, as a fused projection's."""
+    width = 2 * channels if strided else channels
+    q = torch.randint(0, 16, (depth, width), generator=g)
+    if zero_points == "extremes":
+        z = torch.where(torch.arange(groups * width).view(groups, width) % 2 == 0, 0, 15)
+    else:
+        z = torch.randint(0, 16, (groups, width), generator=g)
+    scales = torch.rand(groups, width, generator=g) * 0.02 + 0.002
+    w_packed, zeros = pack_int4(q).to(device), pack_int4(z).to(device)
+    scales = scales.to(device=device, dtype=dtype)
+    if strided:
+        words = channels // 8
+        return w_packed[:, words:], scales[:, channels:], zeros[:, words:]
+    return w_packed, scales, zeros
+
+
+def _wna16_gemm(shape: tuple[int, ...], channels: int, groups: int, bias: bool = True,
+                ordered: bool = False, strided_x: bool = False, **operands):  # fmt: skip
+    """x [*shape] (rows .. , K), N channels, G groups; operands: _int4_operands' options."""
+    depth = shape[-1]
+
+    def make(dtype, device, g):
+        if strided_x:
+            x = wide_view(shape[0], depth, dtype, device, g)
+        else:
+            x = randn(shape, dtype, device, g)
+        w_packed, scales, zeros = _int4_operands(depth, channels, groups, dtype, device, g,
+                                                 **operands)  # fmt: skip
+        order = torch.randperm(depth, generator=g).to(device) if ordered else None
+        b = randn((channels,), dtype, device, g) if bias else None
+        return x, w_packed, scales, zeros, order, b
+
+    return make
+
+
+def _wna16_dequant(depth: int, channels: int, groups: int, **operands):
+    def make(dtype, device, g):
+        return _int4_operands(depth, channels, groups, dtype, device, g, **operands)
+
+    return make
+
+
+def _int4(name: str, make, big: bool = False) -> Case:
+    return Case(name, make, big=big, tolerance=FP16_WEIGHTS)
+
+
 CASES = {
     "int8_quant_per_token": [
         _near("1 token", _per_token((1, 256))),
@@ -142,5 +205,26 @@ CASES = {
         Case("strided x_q", _scaled_mm(7, 120, 40, strided=True)),
         Case("K 8192, sums above 2^24", _long_exact_sum),
         Case("256 x 4096 -> 4096", _scaled_mm(256, 4096, 4096), big=True),
+    ],
+    "wna16_gemm": [
+        _int4("1 token, N 40, K 96 in 3 groups, bias", _wna16_gemm((1, 96), 40, 3)),
+        _int4("one group, no bias", _wna16_gemm((5, 128), 64, 1, bias=False)),
+        _int4("32 groups of 8", _wna16_gemm((4, 256), 48, 32)),
+        _int4("zero points 0 and 15", _wna16_gemm((3, 64), 24, 2, zero_points="extremes")),
+        _int4("act-order input_order", _wna16_gemm((6, 128), 32, 4, ordered=True)),
+        _int4("strided x, no bias", _wna16_gemm((7, 96), 40, 3, bias=False, strided_x=True)),
+        _int4("3-D x [2, 3, 64], input_order", _wna16_gemm((2, 3, 64), 16, 2, ordered=True)),
+        _int4("strided packed weight", _wna16_gemm((3, 64), 40, 4, strided=True)),
+        _int4("300 rows", _wna16_gemm((300, 128), 56, 2)),
+        _int4("8 tokens, 1536 -> 1536, group 128", _wna16_gemm((8, 1536), 1536, 12)),
+        _int4("512 x 4096 -> 4096, group 128", _wna16_gemm((512, 4096), 4096, 32), big=True),
+    ],
+    "wna16_dequant": [
+        _int4("N 40, K 96 in 3 groups", _wna16_dequant(96, 40, 3)),
+        _int4("one group", _wna16_dequant(128, 24, 1)),
+        _int4("16 groups of 8", _wna16_dequant(128, 64, 16)),
+        _int4("zero points 0 and 15", _wna16_dequant(64, 48, 4, zero_points="extremes")),
+        _int4("strided packed weight", _wna16_dequant(64, 40, 2, strided=True)),
+        _int4("4096 x 4096, group 128", _wna16_dequant(4096, 4096, 32), big=True),
     ],
 }

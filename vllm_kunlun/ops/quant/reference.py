@@ -22,9 +22,19 @@ for [1, 2048] x [2048, 2048] and 56 ms for [8, 2048] x [6144, 2048], this chunke
 2.0 ms and 11.4 ms, where bf16 F.linear of the same size takes 0.5 ms and 2.4 ms. The chunk's
 weight slice is widened inside the loop, so the float32 copy is small. (On the host,
 compiled.py's torch._int_mm, 0.16 ms and 2.8 ms, is faster still; it is not device-agnostic.)
+
+The weight-only int4 ops (wNa16) unpack the int32 words with int4_layout.unpack_int4 and
+dequantize group by group on a [G, K / G, N] view: W = (q - z) * s in float32 (the float64
+oracle keeps float64: at least float32), rounded once. The GEMM rounds W to x's dtype, as a
+dequantize-then-GEMM kernel does, and accumulates x' @ W (+ bias) in float32, rounded once to
+x's dtype: a GEMM kernel's float32 accumulator, and one matmul in float32 rather than in fp16,
+which the host runs some hundred times slower (82 s against 0.2 s at [512, 4096] x [4096,
+4096]). Shapes are checked, never values (that would sync).
 """
 
 import torch
+
+from vllm_kunlun.ops.quant.int4_layout import PACK, unpack_int4
 
 #: Largest K slice whose float32 dot products of int8 values are exact (1024 * 2^14 = 2^24).
 EXACT_CHUNK = 1024
@@ -106,3 +116,85 @@ def int8_scaled_mm(
     """out = (sum_k (x_q - zp) w_q) * x_absmax / 127 * w_absmax / 127 + bias."""
     acc = subtract_zero_point(int8_accumulate(x_q, w_q), w_q, x_zero_point)
     return scale_accumulator(acc, x_absmax, w_absmax, bias, out_dtype)
+
+
+# Weight-only int4 (wNa16) ------------------------------------------------------------------------
+
+
+def check_wna16_shapes(
+    w_packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    x: torch.Tensor | None = None,
+    input_order: torch.Tensor | None = None,
+) -> int:
+    """The group size K / G, after checking the operands' shapes against each other."""
+    depth, words = w_packed.shape
+    groups, channels = scales.shape
+    if groups == 0 or depth % groups:
+        raise ValueError(
+            f"wNa16: K = {depth} (w_packed's rows) is not a multiple of the number of groups "
+            f"G = {groups} (scales' rows), so there is no whole group size K / G"
+        )
+    if channels != PACK * words:
+        raise ValueError(
+            f"wNa16: scales have N = {channels} columns, but w_packed [K, N / 8] has {words} "
+            f"words per row, i.e. N = {PACK * words}"
+        )
+    if tuple(zeros.shape) != (groups, words):
+        raise ValueError(
+            f"wNa16: zeros must be [G, N / 8] = [{groups}, {words}], got {zeros.shape}"
+        )
+    if x is not None and x.shape[-1] != depth:
+        raise ValueError(f"wNa16: x has {x.shape[-1]} features, the weight K = {depth}")
+    if input_order is not None and tuple(input_order.shape) != (depth,):
+        raise ValueError(f"wNa16: input_order must be [K] = [{depth}], got {input_order.shape}")
+    return depth // groups
+
+
+def dequantize_int4(
+    w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """W [K, N] = (q - z[g]) * s[g] for the rows of group g, in (at least) float32, then dtype."""
+    group_size = check_wna16_shapes(w_packed, scales, zeros)
+    depth, channels = w_packed.shape[0], scales.shape[1]
+    compute = torch.promote_types(scales.dtype, torch.float32)
+    q = unpack_int4(w_packed).view(-1, group_size, channels)  # [G, K / G, N]
+    z = unpack_int4(zeros).unsqueeze(1)  # [G, 1, N]
+    s = scales.to(compute).unsqueeze(1)
+    w = (q - z).to(compute) * s
+    return w.view(depth, channels).to(dtype)
+
+
+def wna16_dequant(
+    w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+) -> torch.Tensor:
+    """W = (q - z) * s, rounded once to scales' dtype."""
+    return dequantize_int4(w_packed, scales, zeros, scales.dtype)
+
+
+def wna16_gemm(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    input_order: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """out = x' @ W (+ bias), W dequantized and rounded to x's dtype, x' = x[..., input_order]."""
+    check_wna16_shapes(w_packed, scales, zeros, x, input_order)
+    return int4_matmul(x, dequantize_int4(w_packed, scales, zeros, x.dtype), input_order, bias)
+
+
+def int4_matmul(
+    x: torch.Tensor, w: torch.Tensor, input_order: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """wna16_gemm after the dequantization (w [K, N] in x's dtype): x' @ w (+ bias) accumulated
+    in float32, rounded once to x's dtype, contiguous. compiled.py shares it."""
+    accumulate = torch.promote_types(x.dtype, torch.float32)
+    if input_order is not None:
+        x = x.index_select(-1, input_order)
+    out = x.to(accumulate) @ w.to(accumulate)
+    if bias is not None:
+        out = out + bias.to(x.dtype).to(accumulate)
+    return out.to(x.dtype)
