@@ -62,7 +62,7 @@ def test_unquantized_models_need_no_check():
         ("gptq", {"quant_method": "gptq", "bits": 4}, "--quantization gptq"),
         (CT, None, "without a quantization_config"),
         (CT, config(format="float-quantized"), "format 'float-quantized'"),
-        (CT, config(format="pack-quantized"), "format 'pack-quantized'"),
+        (CT, config(format="marlin-24"), "format 'marlin-24'"),
         (CT, config(weights=WEIGHTS | {"type": "float"}), "weights of type 'float'"),
         (CT, config(weights=WEIGHTS | {"num_bits": 4}), "with 4 bits"),
         (CT, config(weights=WEIGHTS | {"symmetric": False}), "asymmetric int8 weights"),
@@ -80,8 +80,74 @@ def test_unquantized_models_need_no_check():
 def test_what_the_plugin_cannot_run_is_refused_naming_the_option(method, quant_config, names):
     message = refusal(method, quant_config)
     assert names in message
-    assert "Supported: compressed-tensors W8A8 int8" in message or "supports:" in message
+    assert "compressed-tensors W8A8 int8 (format int-quantized" in message
     assert "vllm-kunlun quantize" in message
+
+
+# Weight-only 4-bit: compressed-tensors W4A16, GPTQ, AWQ ---------------------------------------
+
+INT4 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32,
+        "dynamic": False}  # fmt: skip
+#: hidden 64, intermediate 96, 4 heads x 16: every input size a multiple of 32.
+SMALL = types.SimpleNamespace(model_type="llama", hidden_size=64, intermediate_size=96,
+                              num_attention_heads=4, head_dim=16)  # fmt: skip
+GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True,
+        "lm_head": False}  # fmt: skip
+AWQ = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}
+
+
+def w4a16(weights=INT4) -> dict:
+    return config(weights=weights, acts=None, format="pack-quantized")
+
+
+@pytest.mark.parametrize(
+    ("method", "quant_config"),
+    [
+        (CT, w4a16()),
+        (CT, w4a16(INT4 | {"symmetric": False})),
+        (CT, w4a16(INT4 | {"strategy": "channel", "group_size": None})),
+        ("kunlun_gptq", GPTQ),
+        ("kunlun_gptq", GPTQ | {"group_size": -1}),
+        ("kunlun_awq", AWQ),
+    ],
+    ids=["w4a16", "w4a16 asymmetric", "w4a16 per channel", "gptq", "gptq per channel", "awq"],
+)
+def test_weight_only_4bit_checkpoints_are_accepted(method, quant_config):
+    check_quantization(method, quant_config, SMALL)
+
+
+@pytest.mark.parametrize(
+    ("method", "quant_config", "says"),
+    [
+        (CT, w4a16(INT4 | {"num_bits": 8}), "pack-quantized weights of type 'int' with 8 bits"),
+        (CT, w4a16(INT4 | {"actorder": "group"}), "weights.actorder 'group'"),
+        (CT, w4a16(INT4 | {"group_size": 128}),
+         "group size 128, but the model's hidden_size (64) is not a multiple of it"),
+        (CT, config(acts=DYNAMIC, format="pack-quantized", weights=INT4),
+         "pack-quantized weights with quantized activations"),
+        ("kunlun_gptq", GPTQ | {"bits": 8}, "GPTQ with 8-bit weights"),
+        ("kunlun_gptq", GPTQ | {"desc_act": True}, "GPTQ with act-order (desc_act true"),
+        ("kunlun_gptq", GPTQ | {"sym": False}, "GPTQ with asymmetric weights"),
+        ("kunlun_gptq", GPTQ | {"lm_head": True}, "quantized LM head"),
+        ("kunlun_gptq", GPTQ | {"group_size": 64},
+         "group size 64, but the model's intermediate_size (96) is not a multiple of it"),
+        ("kunlun_awq", AWQ | {"version": "gemv"}, "AWQ version 'gemv'"),
+    ],
+    ids=["8-bit", "group act-order", "group size", "activations", "gptq 8-bit",
+         "gptq desc_act", "gptq asymmetric", "gptq lm_head", "gptq group size", "awq gemv"],
+)  # fmt: skip
+def test_weight_only_checkpoints_the_plugin_cannot_run_are_refused(method, quant_config, says):
+    assert says in refusal(method, quant_config, SMALL)
+
+
+@pytest.mark.parametrize(
+    ("method", "quant_config"),
+    [(CT, w4a16()), ("kunlun_gptq", GPTQ), ("kunlun_awq", AWQ)],
+    ids=["w4a16", "gptq", "awq"],
+)
+def test_weight_only_moe_models_are_refused(method, quant_config):
+    moe = types.SimpleNamespace(**vars(SMALL), num_experts=8)
+    assert "MoE model: its experts" in refusal(method, quant_config, moe)
 
 
 def test_a_quantized_moe_model_needs_per_channel_weights_and_dynamic_activations():
@@ -104,8 +170,9 @@ def test_the_config_is_not_modified():
 def test_the_platform_refuses_other_methods_by_name():
     from vllm_kunlun.platform.base import KunlunPlatformBase
 
-    assert KunlunPlatformBase.supported_quantization == ["compressed-tensors"]
-    KunlunPlatformBase.verify_quantization("compressed-tensors")
+    assert KunlunPlatformBase.supported_quantization[:3] == [CT, "kunlun_gptq", "kunlun_awq"]
+    for method in (CT, "kunlun_gptq", "kunlun_awq"):
+        KunlunPlatformBase.verify_quantization(method)
     with pytest.raises(ValueError, match="cannot run --quantization awq"):
         KunlunPlatformBase.verify_quantization("awq")
     with pytest.raises(ValueError, match="serve an unquantized checkpoint"):
@@ -166,5 +233,67 @@ def test_a_checkpoint_that_does_not_match_its_config_is_refused_naming_the_tenso
     model = write_checkpoint(tmp_path, drop=drop, replace=replace, static=True, asymmetric=True)
     with pytest.raises(UnsupportedQuantization) as error:
         check_quantization(CT, config(acts=acts), DENSE, model)
+    message = str(error.value)
+    assert says in message and "does not match its quantization_config" in message
+
+
+# Weight-only 4-bit tensors: packing and group size ------------------------------------------
+
+
+def write_int4_checkpoint(folder, kind: str, *, depth=64, channels=32, groups=2, replace=None):
+    """One layer of a GPTQ / AWQ / compressed-tensors pack-quantized checkpoint (zeros)."""
+    from safetensors.torch import save_file
+
+    if kind == "gptq":
+        tensors = {".qweight": torch.zeros(depth // 8, channels, dtype=torch.int32),
+                   ".qzeros": torch.zeros(groups, channels // 8, dtype=torch.int32),
+                   ".scales": torch.ones(groups, channels, dtype=torch.float16)}  # fmt: skip
+    elif kind == "awq":
+        tensors = {".qweight": torch.zeros(depth, channels // 8, dtype=torch.int32),
+                   ".qzeros": torch.zeros(groups, channels // 8, dtype=torch.int32),
+                   ".scales": torch.ones(groups, channels, dtype=torch.float16)}  # fmt: skip
+    else:
+        tensors = {".weight_packed": torch.zeros(channels, depth // 8, dtype=torch.int32),
+                   ".weight_scale": torch.ones(channels, groups, dtype=torch.float16),
+                   ".weight_shape": torch.tensor([channels, depth])}  # fmt: skip
+    tensors = {LAYER + suffix: tensor for suffix, tensor in (tensors | (replace or {})).items()}
+    tensors = {name: tensor for name, tensor in tensors.items() if tensor is not None}
+    save_file(tensors | {"lm_head.weight": torch.zeros(32, 16)}, str(folder / "model.safetensors"))
+    return str(folder)
+
+
+INT4_METHODS = {"gptq": ("kunlun_gptq", GPTQ), "awq": ("kunlun_awq", AWQ), "w4a16": (CT, w4a16())}
+
+
+@pytest.mark.parametrize("kind", list(INT4_METHODS))
+def test_complete_4bit_checkpoints_pass(tmp_path, kind):
+    method, quant_config = INT4_METHODS[kind]
+    check_quantization(method, quant_config, SMALL, write_int4_checkpoint(tmp_path, kind))
+
+
+@pytest.mark.parametrize(
+    ("kind", "replace", "says"),
+    [
+        ("gptq", {".scales": None}, f"{LAYER}.scales (group scales) is missing"),
+        ("gptq", {".qweight": torch.zeros(8, 32, dtype=torch.int8)},
+         f"{LAYER}.qweight is I8 [8, 32], expected a 2-D I32 packed 4-bit weight"),
+        ("gptq", {".scales": torch.ones(4, 32, dtype=torch.float16)},
+         f"{LAYER}.scales is [4, 32], expected [2, 32] (K 64, N 32, group size 32)"),
+        ("awq", {".qzeros": None}, f"{LAYER}.qzeros (packed zero points) is missing"),
+        ("awq", {".qweight": torch.zeros(64, 32, dtype=torch.int32)},
+         f"{LAYER}.scales is [2, 32], expected [2, 256]"),
+        ("w4a16", {".weight_scale": torch.ones(32, 1, dtype=torch.float16)},
+         f"{LAYER}.weight_scale is [32, 1], expected [32, 2] (K 64, N 32, group size 32)"),
+    ],
+    ids=["gptq missing scales", "gptq int8 qweight", "gptq group size mismatch",
+         "awq missing zeros", "awq unpacked qweight", "w4a16 group size mismatch"],
+)  # fmt: skip
+def test_a_4bit_checkpoint_that_does_not_match_its_config_is_refused_naming_the_tensor(
+    tmp_path, kind, replace, says
+):
+    method, quant_config = INT4_METHODS[kind]
+    model = write_int4_checkpoint(tmp_path, kind, replace=replace)
+    with pytest.raises(UnsupportedQuantization) as error:
+        check_quantization(method, quant_config, SMALL, model)
     message = str(error.value)
     assert says in message and "does not match its quantization_config" in message

@@ -10,16 +10,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-#: The quantization methods (vLLM's names) the plugin runs, as `supported_quantization` lists them.
-SUPPORTED_METHODS = ("compressed-tensors",)
+#: The quantization methods (vLLM's names) the plugin runs, as `supported_quantization` lists
+#: them. GPTQ and AWQ checkpoints reach the plugin's own configs (quantization/gptq_awq.py).
+SUPPORTED_METHODS = ("compressed-tensors", "kunlun_gptq", "kunlun_awq")
 #: compressed-tensors formats whose tensors the plugin's kernels read.
-SUPPORTED_FORMATS = ("int-quantized",)
+SUPPORTED_FORMATS = ("int-quantized", "pack-quantized")
 SUPPORTED = (
     "compressed-tensors W8A8 int8 (format int-quantized: int8 symmetric weights per channel or "
     "per tensor, int8 activations dynamic per token and symmetric, or static per tensor; MoE "
-    "experts per channel with dynamic activations); make one with `vllm-kunlun quantize` "
-    "(docs/quantization.md)"
+    "experts per channel with dynamic activations), and for dense models weight-only 4-bit: "
+    "compressed-tensors W4A16 (format pack-quantized, per group or channel), GPTQ (4-bit, "
+    "symmetric, desc_act false) and AWQ (4-bit, version gemm); make one with "
+    "`vllm-kunlun quantize` (docs/quantization.md)"
 )
+#: GPTQ / AWQ names the checkpoint's quant_method has, by the plugin's method name.
+CHECKPOINT_METHODS = {"kunlun_gptq": "gptq", "kunlun_awq": "awq"}
 #: config.json keys that give an MoE model its routed experts.
 MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
@@ -42,6 +47,7 @@ def check_method(method: str) -> None:
 
 
 def _check_weights(group: str, weights: Mapping[str, Any] | None) -> None:
+    """int8 weights (format int-quantized)."""
     if not weights:
         raise refuse(f"config group {group!r} without `weights` quantization")
     if weights.get("type", "int") != "int" or weights.get("num_bits") != 8:
@@ -84,6 +90,55 @@ def _is_moe(hf_config: object) -> bool:
     return any(getattr(hf_config, key, None) for key in MOE_KEYS)
 
 
+def _check_weight_only(group: str, spec: Mapping[str, Any], hf_config: object) -> None:
+    """4-bit weights, no activation quantization (format pack-quantized)."""
+    weights = spec.get("weights") or {}
+    if weights.get("type", "int") != "int" or weights.get("num_bits") != 4:
+        raise refuse(
+            f"config group {group!r}: pack-quantized weights of type {weights.get('type')!r} with "
+            f"{weights.get('num_bits')} bits (4-bit int weights are supported)"
+        )
+    if spec.get("input_activations"):
+        raise refuse(f"config group {group!r}: pack-quantized weights with quantized activations")
+    if weights.get("actorder") not in (None, "static", "weight"):
+        raise refuse(
+            f"config group {group!r}: weights.actorder {weights.get('actorder')!r} (group "
+            "activation ordering needs a g_idx the plugin's kernel does not read; use "
+            "actorder static or none)"
+        )
+    strategy = weights.get("strategy")
+    if strategy == "group":
+        check_group_size(int(weights.get("group_size") or 0), hf_config, f"config group {group!r}")
+    elif strategy != "channel":
+        raise refuse(f"config group {group!r}: pack-quantized weights.strategy {strategy!r}")
+
+
+def input_sizes(hf_config: object) -> dict[str, int]:
+    """The input sizes K of a decoder's linear layers, by what they are."""
+    sizes = {"hidden_size": getattr(hf_config, "hidden_size", None)}
+    for key in ("intermediate_size", "moe_intermediate_size"):
+        sizes[key] = getattr(hf_config, key, None)
+    heads = getattr(hf_config, "num_attention_heads", None)
+    head_dim = getattr(hf_config, "head_dim", None)
+    if heads and head_dim:
+        sizes["num_attention_heads x head_dim"] = heads * head_dim
+    return {name: size for name, size in sizes.items() if isinstance(size, int) and size > 0}
+
+
+def check_group_size(group_size: int, hf_config: object, where: str) -> None:
+    """Every quantized layer's input size is a whole number of groups."""
+    if group_size <= 0:
+        raise refuse(f"{where}: group size {group_size}")
+    for name, size in input_sizes(hf_config).items():
+        if size % group_size:
+            raise UnsupportedQuantization(
+                f"vllm-kunlun cannot run this checkpoint: {where} has group size {group_size}, "
+                f"but the model's {name} ({size}) is not a multiple of it; re-quantize with a "
+                "group size that divides every layer's input size (vllm-kunlun quantize picks "
+                "one, docs/quantization.md)."
+            )
+
+
 def check_compressed_tensors(config: Mapping[str, Any], hf_config: object = None) -> None:
     """Refuse a compressed-tensors quantization_config the plugin's kernels cannot run."""
     fmt = config.get("format")
@@ -95,11 +150,47 @@ def check_compressed_tensors(config: Mapping[str, Any], hf_config: object = None
     groups = config.get("config_groups") or {}
     if not groups:
         raise refuse("a compressed-tensors quantization_config without config_groups")
+    moe = hf_config is not None and _is_moe(hf_config)
     for name, group in groups.items():
+        if fmt == "pack-quantized":
+            if moe:
+                raise refuse("a weight-only (pack-quantized) MoE model: its experts")
+            _check_weight_only(name, group, hf_config)
+            continue
         _check_weights(name, group.get("weights"))
         _check_activations(name, group.get("input_activations"))
-    if hf_config is not None and _is_moe(hf_config):
+    if moe:
         _check_moe(groups)
+
+
+def check_gptq_awq(method: str, config: Mapping[str, Any], hf_config: object) -> None:
+    """GPTQ: 4-bit, symmetric, desc_act false; AWQ: 4-bit, version gemm; dense models, the LM
+    head unquantized."""
+    name = CHECKPOINT_METHODS[method].upper()
+    bits = config.get("bits", config.get("w_bit"))
+    if bits != 4:
+        raise refuse(f"{name} with {bits}-bit weights (4-bit weights are supported)")
+    if hf_config is not None and _is_moe(hf_config):
+        raise refuse(f"a {name} MoE model: its experts")
+    if config.get("lm_head"):
+        raise refuse(f"{name} with a quantized LM head (lm_head true)")
+    if method == "kunlun_gptq":
+        if not config.get("sym", True):
+            raise refuse("GPTQ with asymmetric weights (sym false)")
+        if config.get("desc_act"):
+            raise refuse(
+                "GPTQ with act-order (desc_act true; vLLM 0.32 refuses it too): use a checkpoint "
+                "quantized with desc_act false"
+            )
+        if config.get("dynamic"):
+            raise refuse("GPTQ with per-module `dynamic` overrides")
+    else:
+        version = str(config.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise refuse(f"AWQ version {version!r} (version gemm is supported)")
+    group_size = int(config.get("group_size", config.get("q_group_size", -1)))
+    if group_size != -1:
+        check_group_size(group_size, hf_config, f"the {name} config")
 
 
 def _check_moe(groups: Mapping[str, Any]) -> None:
@@ -114,6 +205,15 @@ def _check_moe(groups: Mapping[str, Any]) -> None:
                 "activations (quantized MoE experts need int8 weights per channel and dynamic "
                 "per-token activations)"
             )
+
+
+def _pack_group_size(config: Mapping[str, Any]) -> int:
+    """The config's pack-quantized group size (-1: one group per output channel)."""
+    for group in (config.get("config_groups") or {}).values():
+        weights = group.get("weights") or {}
+        if weights.get("strategy") == "group":
+            return int(weights.get("group_size") or -1)
+    return -1
 
 
 def _static_activations(config: Mapping[str, Any]) -> tuple[bool, bool]:
@@ -141,8 +241,19 @@ def check_quantization(
             f"--quantization {method} on a checkpoint without a quantization_config "
             "(the plugin does not quantize at load time)"
         )
-    check_compressed_tensors(config, hf_config)
-    if model is not None and Path(model).is_dir():
-        from vllm_kunlun.quantization.checkpoint_tensors import check_int8_tensors
+    if method in CHECKPOINT_METHODS:
+        check_gptq_awq(method, config, hf_config)
+    else:
+        check_compressed_tensors(config, hf_config)
+    if model is None or not Path(model).is_dir():
+        return
+    from vllm_kunlun.quantization import checkpoint_tensors
 
-        check_int8_tensors(Path(model), *_static_activations(config))
+    folder = Path(model)
+    if method in CHECKPOINT_METHODS:
+        group_size = int(config.get("group_size", config.get("q_group_size", -1)))
+        checkpoint_tensors.check_gptq_awq_tensors(folder, CHECKPOINT_METHODS[method], group_size)
+    elif config.get("format") == "pack-quantized":
+        checkpoint_tensors.check_pack_quantized_tensors(folder, _pack_group_size(config))
+    else:
+        checkpoint_tensors.check_int8_tensors(folder, *_static_activations(config))

@@ -1,4 +1,4 @@
-"""Checking a W8A8 int8 checkpoint's tensors against its quantization_config, before loading.
+"""Checking a quantized checkpoint's tensors against its quantization_config, before loading.
 
 vLLM's loader copies each checkpoint tensor into a parameter created from the config: a float
 weight lands in an int8 parameter by silent truncation, and a missing scale is only noticed
@@ -74,3 +74,72 @@ def check_int8_tensors(folder: Path, static: bool, asymmetric: bool) -> None:
                     f"{module}{suffix} is missing (the config's static activations need it)",
                     folder,
                 )
+
+
+def _shape(tensors, name: str, folder: Path, dtypes: tuple[str, ...], what: str) -> tuple[int, int]:
+    """The [rows, cols] of a required 2-D tensor of one of `dtypes`."""
+    found = tensors.get(name)
+    if found is None:
+        raise corrupt(f"{name} ({what}) is missing", folder)
+    dtype, shape = found
+    if dtype not in dtypes or len(shape) != 2:
+        raise corrupt(f"{name} is {dtype} {list(shape)}, expected a 2-D {'/'.join(dtypes)} {what}",
+                      folder)  # fmt: skip
+    return shape
+
+
+def _expect(name: str, got: tuple[int, int], want: tuple[int, int], why: str, folder: Path):
+    if tuple(got) != tuple(want):
+        raise corrupt(f"{name} is {list(got)}, expected {list(want)} ({why})", folder)
+
+
+FLOATS = ("F16", "BF16", "F32")
+PACKED = ("I32",)
+PACK = 8  # 4-bit values per int32
+
+
+def _groups(depth: int, group_size: int, name: str, folder: Path) -> int:
+    if group_size == -1:
+        return 1
+    if depth % group_size:
+        raise corrupt(f"{name}: input size {depth} is not a multiple of the group size "
+                      f"{group_size}", folder)  # fmt: skip
+    return depth // group_size
+
+
+def check_gptq_awq_tensors(folder: Path, kind: str, group_size: int) -> None:
+    """Every 4-bit layer of a GPTQ (`qweight` [K / 8, N] packed along K) or AWQ (`qweight`
+    [K, N / 8] packed along N, `qzeros` [G, N / 8]) checkpoint has int32 packed tensors and
+    float `scales` [G, N] for the config's group size."""
+    tensors = read_headers(folder)
+    modules = sorted(name[: -len(".qweight")] for name in tensors if name.endswith(".qweight"))
+    if tensors and not modules:
+        raise corrupt(f"no tensor is {kind.upper()}-quantized (no *.qweight)", folder)
+    for module in modules:
+        rows, cols = _shape(tensors, module + ".qweight", folder, PACKED, "packed 4-bit weight")
+        depth, channels = (rows * PACK, cols) if kind == "gptq" else (rows, cols * PACK)
+        groups = _groups(depth, group_size, module + ".qweight", folder)
+        why = f"K {depth}, N {channels}, group size {group_size}"
+        scales = _shape(tensors, module + ".scales", folder, FLOATS, "group scales")
+        _expect(module + ".scales", scales, (groups, channels), why, folder)
+        if kind == "awq":
+            zeros = _shape(tensors, module + ".qzeros", folder, PACKED, "packed zero points")
+            _expect(module + ".qzeros", zeros, (groups, channels // PACK), why, folder)
+
+
+def check_pack_quantized_tensors(folder: Path, group_size: int) -> None:
+    """Every layer of a compressed-tensors pack-quantized checkpoint has `weight_packed` int32
+    [N, K / 8] and `weight_scale` [N, G] for the config's group size."""
+    tensors = read_headers(folder)
+    modules = sorted(name[: -len(".weight_packed")] for name in tensors
+                     if name.endswith(".weight_packed"))  # fmt: skip
+    if tensors and not modules:
+        raise corrupt("no tensor is pack-quantized (no *.weight_packed)", folder)
+    for module in modules:
+        channels, words = _shape(tensors, module + ".weight_packed", folder, PACKED,
+                                 "packed 4-bit weight")  # fmt: skip
+        depth = words * PACK
+        groups = _groups(depth, group_size, module + ".weight_packed", folder)
+        scales = _shape(tensors, module + SCALE, folder, FLOATS, "group scales")
+        why = f"K {depth}, N {channels}, group size {group_size}"
+        _expect(module + SCALE, scales, (channels, groups), why, folder)

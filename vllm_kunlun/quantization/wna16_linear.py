@@ -1,0 +1,109 @@
+"""Weight-only int4 linear layers (wNa16) through the plugin's `quant` ops.
+
+vLLM's weight-only methods (compressed-tensors `pack-quantized`, GPTQ, AWQ) create the layer's
+parameters in their checkpoint's layout and ask vLLM's mixed-precision kernel list for a
+kernel; `register_linear_kernel(..., PlatformEnum.OOT, "mp")` puts this class there. Every
+method hands over the same description: a weight packed eight values to an int32 along the
+input dimension K (`input_dim` / `packed_dim` say which tensor axis that is: GPTQ [K / 8, N],
+compressed-tensors [N, K / 8]; AWQ is converted to it by vLLM's AWQ method), group scales
+(`output_dim` says whether they are [G, N] or [N, G]), and for asymmetric types (`uint4`)
+zero points packed along N. Symmetric types (`uint4b8`: value + 8) have the implicit zero
+point 8.
+
+After loading, the weight, scales and zero points are rewritten once into the `quant` family's
+layout (vllm_kunlun/ops/quant/int4_layout.py: int32 [K, N / 8] packed along N, scales [G, N],
+zero points always present), which is what Kunlun's awq_gemm reads as it is. A forward is one
+plugin op, `wna16_gemm`.
+"""
+
+import torch
+from vllm.model_executor.kernels.linear.mixed_precision.MPLinearKernel import (
+    MPLinearKernel,
+    MPLinearLayerConfig,
+)
+from vllm.model_executor.layers.quantization.utils import replace_parameter
+from vllm.model_executor.layers.quantization.utils.quant_utils import (
+    unpack_quantized_values_into_int32,
+)
+from vllm.scalar_type import scalar_types
+
+from vllm_kunlun.ops import quant
+from vllm_kunlun.ops.quant.int4_layout import PACK, pack_int4
+
+#: Weight types with a plugin kernel: 4-bit with an implicit zero point of 8, or with zero points.
+SUPPORTED_TYPES = (scalar_types.uint4b8, scalar_types.uint4)
+ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ZEROS_NAME = "kunlun_w4_zeros"
+
+
+def _input_major(tensor: torch.Tensor, input_axis: int | None) -> torch.Tensor:
+    """[K-ish, N] whichever axis the checkpoint's method put K (or the groups) on."""
+    return tensor.t() if input_axis == 1 else tensor
+
+
+class KunlunWNA16LinearKernel(MPLinearKernel):
+    """int4 weights, float activations: `wna16_gemm`."""
+
+    ops_used = ("wna16_gemm",)
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return -1  # the plugin platform reports no capability
+
+    @classmethod
+    def can_implement(cls, c: MPLinearLayerConfig) -> tuple[bool, str | None]:
+        from vllm.platforms import current_platform
+
+        from vllm_kunlun.platform.base import KunlunPlatformBase
+
+        if not isinstance(current_platform, KunlunPlatformBase):
+            return False, "needs a Kunlun platform (vllm-kunlun)"
+        if c.weight_type not in SUPPORTED_TYPES:
+            return False, f"weight type {c.weight_type} (4-bit weights only: uint4b8, uint4)"
+        if c.act_type not in ACT_DTYPES:
+            return False, f"activation dtype {c.act_type}"
+        depth, channels = c.partition_weight_shape
+        if channels % PACK:
+            return False, f"{channels} output channels per partition: not a multiple of {PACK}"
+        if c.group_size not in (-1, 0) and depth % c.group_size:
+            return False, (
+                f"the input size per partition ({depth}) is not a multiple of the group size "
+                f"({c.group_size})"
+            )
+        return True, None
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        weight, scales, zeros = self._get_weight_params(layer)
+        values = unpack_quantized_values_into_int32(
+            weight.data, self.config.weight_type, weight.packed_dim
+        )
+        values = _input_major(values, weight.input_dim)  # [K, N] unsigned 4-bit values
+        scales_kn = _input_major(scales.data, 1 - scales.output_dim).contiguous()  # [G, N]
+        if self.config.zero_points:
+            assert zeros is not None
+            zero_values = unpack_quantized_values_into_int32(
+                zeros.data, self.config.weight_type, zeros.packed_dim
+            )
+            zero_values = _input_major(zero_values, 1 - zeros.output_dim)
+        else:
+            bias = self.config.weight_type.bias  # uint4b8: stored value = q + 8
+            zero_values = torch.full_like(scales_kn, bias, dtype=torch.int32)
+        groups, depth = scales_kn.shape[0], values.shape[0]
+        if depth % groups:
+            raise ValueError(
+                f"{layer.prefix if hasattr(layer, 'prefix') else 'a weight-only layer'}: input "
+                f"size {depth} is not a multiple of its {groups} quantization groups"
+            )
+        replace_parameter(layer, self.w_q_name, pack_int4(values).contiguous())
+        replace_parameter(layer, self.w_s_name, scales_kn.to(self.config.act_type))
+        if self.w_zp_name is not None and hasattr(layer, self.w_zp_name):
+            delattr(layer, self.w_zp_name)
+        layer.register_parameter(
+            ZEROS_NAME, torch.nn.Parameter(pack_int4(zero_values), requires_grad=False)
+        )
+
+    def apply_weights(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        weight, scales = getattr(layer, self.w_q_name), getattr(layer, self.w_s_name)
+        return quant.wna16_gemm(x, weight, scales, getattr(layer, ZEROS_NAME), None, bias)
