@@ -79,6 +79,10 @@ def full_plan() -> tuple[list[OfflineWorkload], list[ServingWorkload]]:
     # in-tree) against each other and against the bf16 model through the plugin.
     offline.append(OfflineWorkload("W8A8 throughput 64x128/128 int8 eager", "default", 64, 128,
                                    128, "eager", scheme="w8a8-dynamic"))  # fmt: skip
+    # Its weight-only 4-bit checkpoint (compressed-tensors W4A16): the plugin's wna16_gemm,
+    # vLLM's CPU wNa16 GEMM in-tree.
+    offline.append(OfflineWorkload("W4A16 throughput 64x128/128 int4 eager", "default", 64, 128,
+                                   128, "eager", scheme="w4a16"))  # fmt: skip
     serving = [ServingWorkload(concurrency, 128, 64, max(8, 2 * concurrency))
                for concurrency in (1, 8, 32)]  # fmt: skip
     return offline, serving
@@ -108,15 +112,26 @@ def model_path(kind: str, workdir: Path, scheme: str | None = None) -> Path:
     return model if scheme is None else quantized_checkpoint(model, scheme, workdir)
 
 
-def checkpoint_weight_bytes(model: Path) -> int:
+#: Tensor names of the token embedding and LM head, which quantized checkpoints keep unquantized.
+EMBEDDING_NAMES = ("embed_tokens", "lm_head")
+
+
+def checkpoint_weight_bytes(model: Path, embeddings: bool = True) -> int:
     """Bytes of the tensors in the model's safetensors files: the weights the loader reads (a
-    tied embedding is stored once). Each file is an 8-byte header length, the JSON header,
+    tied embedding is stored once); without the embedding and LM head if `embeddings` is
+    false. Each file is an 8-byte header length, the JSON header (every tensor's byte range),
     then the tensor data."""
     total = 0
     for path in model.glob("*.safetensors"):
         with path.open("rb") as f:
-            header = int.from_bytes(f.read(8), "little")
-        total += path.stat().st_size - 8 - header
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for name, entry in header.items():
+            if name == "__metadata__" or (
+                not embeddings and any(e in name for e in EMBEDDING_NAMES)
+            ):
+                continue
+            start, stop = entry["data_offsets"]
+            total += stop - start
     return total
 
 
@@ -163,6 +178,7 @@ def run_offline(workload: OfflineWorkload, backend: str, model: Path, workdir: P
         metrics["ms per decode step"] = 1000 * result["elapsed_time"] / workload.output_len
     if workload.scheme is not None:
         metrics["weights MiB"] = checkpoint_weight_bytes(model) / MiB
+        metrics["non-embedding MiB"] = checkpoint_weight_bytes(model, embeddings=False) / MiB
     return metrics
 
 

@@ -21,6 +21,18 @@ hooked per projection, so the experts module's forward is replaced, on the insta
 `ExpertLoop`: a plain per-token, per-selected-expert loop mirroring transformers' own expert
 computation, with the fake quantization in front of gate/up and in front of down. Routing
 stays the model's own (its router computes the top-k indices and weights it passes in).
+
+Weight-only 4-bit checkpoints (compressed-tensors pack-quantized W4A16, GPTQ, AWQ) are
+dequantized here from their packed tensors, with unpacking written from the formats (value
+i of an int32 word in bits 4i..4i+3), and loaded without any activation quantization:
+
+    pack-quantized: weight_packed [N, K/8] along K, stored q + 8; weight_scale [N, G'];
+                    weight_zero_point [N/8, G'] along N, stored z + 8 (asymmetric only);
+                    w = (q - z) * scale, group of k = k // (K / G')
+    GPTQ (v1):      qweight [K/8, N] along K; qzeros [G', N/8] along N storing z - 1;
+                    scales [G', N]; w[n, k] = (q - z) * scale at group g_idx[k]
+    AWQ (GEMM):     qweight [K, N/8] and qzeros [G', N/8] along N, value i of a word being
+                    element AWQ_ORDER[i] of its eight; scales [G', N]; group of k = k // G
 """
 
 import json
@@ -138,21 +150,133 @@ def _fuse_experts(state: dict[str, torch.Tensor], model) -> set[str]:
     return filled
 
 
-def load_fake_quant_model(checkpoint: str | Path):
-    """The float32 transformers model of a quantized checkpoint, with activation fake-quant."""
+#: AWQ's order: value i of a packed word is element AWQ_ORDER[i] of its eight along N.
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def unpack_int4(words: torch.Tensor, dim: int, order=tuple(range(8))) -> torch.Tensor:
+    """The 4-bit values (0..15, int64) of int32 `words`, eight per word along `dim`: value i
+    (bits 4i..4i+3) of a word is element order[i] of its eight."""
+    shifts = torch.arange(8, dtype=torch.int64) * 4
+    values = (words.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF  # [..., 8] by slot
+    placed = torch.empty_like(values)
+    placed[..., list(order)] = values  # slot i -> element order[i]
+    placed = placed.movedim(dim, -2)
+    placed = placed.reshape(*placed.shape[:-2], -1)
+    return placed.movedim(-1, dim)
+
+
+def _pack_quantized_weight(leaves: dict[str, torch.Tensor]) -> torch.Tensor:
+    n, k = (int(v) for v in leaves["weight_shape"])
+    q = unpack_int4(leaves["weight_packed"], dim=1)[:, :k]  # [N, K], stored q + 8
+    scale = leaves["weight_scale"].float()  # [N, G']
+    zero = torch.full(scale.shape, 8, dtype=q.dtype)
+    if "weight_zero_point" in leaves:  # asymmetric: [N/8, G'] packed along N
+        zero = unpack_int4(leaves["weight_zero_point"], dim=0)[:n]
+    group = k // scale.shape[1]
+    expand = lambda t: t.repeat_interleave(group, dim=1)  # noqa: E731
+    return (q - expand(zero)).float() * expand(scale)
+
+
+def _gptq_weight(leaves: dict[str, torch.Tensor]) -> torch.Tensor:
+    q = unpack_int4(leaves["qweight"], dim=0)  # [K, N]
+    zero = unpack_int4(leaves["qzeros"], dim=1) + 1  # [G', N], stored z - 1
+    g_idx = leaves["g_idx"].long()
+    scale = leaves["scales"].float()
+    return ((q - zero[g_idx]).float() * scale[g_idx]).t()
+
+
+def _awq_weight(leaves: dict[str, torch.Tensor]) -> torch.Tensor:
+    q = unpack_int4(leaves["qweight"], dim=1, order=AWQ_ORDER)  # [K, N]
+    zero = unpack_int4(leaves["qzeros"], dim=1, order=AWQ_ORDER)  # [G', N]
+    scale = leaves["scales"].float()
+    group = q.shape[0] // scale.shape[0]
+    expand = lambda t: t.repeat_interleave(group, dim=0)  # noqa: E731
+    return ((q - expand(zero)).float() * expand(scale)).t()
+
+
+def _int4_format(quantization_config: dict) -> str | None:
+    """'pack-quantized', 'gptq' or 'awq' for a weight-only 4-bit checkpoint, else None."""
+    method = quantization_config["quant_method"]
+    if method == "gptq":
+        assert quantization_config["bits"] == 4 and quantization_config["sym"] is True
+        assert quantization_config.get("checkpoint_format", "gptq") == "gptq"
+        return "gptq"
+    if method == "awq":
+        assert quantization_config["bits"] == 4 and quantization_config["zero_point"] is True
+        assert quantization_config["version"] == "gemm"
+        return "awq"
+    if quantization_config["format"] == "pack-quantized":
+        assert _input_args(quantization_config) is None, "weight-only"
+        return "pack-quantized"
+    return None
+
+
+#: The tensors of one quantized module per format: the leaf that marks it, then the reader.
+_INT4_FORMATS = {
+    "pack-quantized": ("weight_packed", _pack_quantized_weight),
+    "gptq": ("qweight", _gptq_weight),
+    "awq": ("qweight", _awq_weight),
+}
+
+
+def dequantize_int4(tensors: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors in float32 with each 4-bit module's packed tensors replaced
+    by its dequantized `<module>.weight` [N, K]."""
+    marker, read = _INT4_FORMATS[fmt]
+    modules = {name[: -len(marker) - 1] for name in tensors if name.endswith(f".{marker}")}
+    state: dict[str, torch.Tensor] = {}
+    leaves: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        if module in modules and leaf != "bias":
+            leaves.setdefault(module, {})[leaf] = tensor
+        else:
+            state[name] = tensor.float()
+    for module, parts in leaves.items():
+        state[f"{module}.weight"] = read(parts)
+    return state
+
+
+def _float_model(checkpoint: Path):
+    """The float32 transformers model of the checkpoint's config (no weights) and the
+    quantization config."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-    checkpoint = Path(checkpoint)
     config_dict = json.loads((checkpoint / "config.json").read_text())
     quantization_config = config_dict.pop("quantization_config")
-    assert quantization_config["quant_method"] == "compressed-tensors"
-    assert quantization_config["format"] == "int-quantized", quantization_config["format"]
     config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
     # Eager attention, as hf_greedy.
     config._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return model, quantization_config
 
+
+def _load_state(model, state: dict[str, torch.Tensor]) -> set[str]:
+    """Load `state` (per-expert weights fused) into `model`; returns the experts modules."""
+    experts = _fuse_experts(state, model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    assert not unexpected, unexpected
+    assert set(missing) <= ({"lm_head.weight"} if tied else set()), missing
+    if tied:
+        model.tie_weights()
+    return experts
+
+
+def load_fake_quant_model(checkpoint: str | Path):
+    """The float32 transformers model of a quantized checkpoint, with activation fake-quant
+    (W8A8), or only its dequantized weights (weight-only 4-bit)."""
+    checkpoint = Path(checkpoint)
+    model, quantization_config = _float_model(checkpoint)
     tensors = _read_tensors(checkpoint)
+    int4 = _int4_format(quantization_config)
+    if int4 is not None:
+        _load_state(model, dequantize_int4(tensors, int4))
+        return model
+    assert quantization_config["quant_method"] == "compressed-tensors"
+    assert quantization_config["format"] == "int-quantized", quantization_config["format"]
+
     state: dict[str, torch.Tensor] = {}
     quantized: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
@@ -165,14 +289,7 @@ def load_fake_quant_model(checkpoint: str | Path):
             state[name] = tensor.float() * scale  # [N, K] * [N, 1]
         else:
             state[name] = tensor.float()
-    experts = _fuse_experts(state, model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = getattr(config, "tie_word_embeddings", False)
-    assert not unexpected, unexpected
-    assert set(missing) <= ({"lm_head.weight"} if tied else set()), missing
-    if tied:
-        model.tie_weights()
-
+    experts = _load_state(model, state)
     args = _input_args(quantization_config)
     modules = dict(model.named_modules())
     if experts:

@@ -42,20 +42,24 @@ def test_only_filters_workloads_and_names_them_when_nothing_matches(capsys):
     assert "'throughput 64x128/128 eager'" in capsys.readouterr().err
 
 
-def test_the_w8a8_row_counts_checkpoint_weight_bytes(tmp_path):
-    """The W8A8 row (full plan): the default model's w8a8-dynamic checkpoint; its weight bytes
-    are the tensors' bytes in the safetensors files (here against torch's count of the loaded
-    tensors)."""
+def test_the_quantized_rows_count_checkpoint_weight_bytes(tmp_path):
+    """The W8A8 and W4A16 rows (full plan): the default model's w8a8-dynamic and w4a16
+    checkpoints; their weight bytes are the tensors' bytes in the safetensors files, with and
+    without the embedding and LM head (here against torch's count of the loaded tensors)."""
     import torch
     from safetensors.torch import load_file, save_file
 
     from benchmarks.run import OfflineWorkload, checkpoint_weight_bytes, full_plan
 
-    (w8a8,) = [w for w in full_plan()[0] if w.scheme is not None]
-    assert w8a8.scheme == "w8a8-dynamic" and w8a8.model == "default"
-    tensors = {"a": torch.ones(3, 5, dtype=torch.int8), "b": torch.ones(7, dtype=torch.bfloat16)}
+    quantized = [w for w in full_plan()[0] if w.scheme is not None]
+    assert [(w.scheme, w.model) for w in quantized] == [("w8a8-dynamic", "default"),
+                                                        ("w4a16", "default")]  # fmt: skip
+    tensors = {"a": torch.ones(3, 5, dtype=torch.int8), "b": torch.ones(7, dtype=torch.bfloat16),
+               "model.embed_tokens.weight": torch.ones(4, 2),
+               "lm_head.weight": torch.ones(2)}  # fmt: skip
     save_file(tensors, str(tmp_path / "model.safetensors"))
     loaded = load_file(str(tmp_path / "model.safetensors"))
-    assert checkpoint_weight_bytes(tmp_path) == sum(t.nbytes for t in loaded.values()) == 29
-    assert lower_is_better("weights MiB")
+    assert checkpoint_weight_bytes(tmp_path) == sum(t.nbytes for t in loaded.values()) == 69
+    assert checkpoint_weight_bytes(tmp_path, embeddings=False) == 29
+    assert lower_is_better("weights MiB") and lower_is_better("non-embedding MiB")
     assert OfflineWorkload("x", "default", 1, 1, 1, "eager").scheme is None

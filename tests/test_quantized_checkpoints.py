@@ -51,7 +51,7 @@ LINEARS = {
 NUM_LAYERS = 2
 
 #: Round-to-nearest of the source weights (w8a8-smooth's are smoothed first: tested below).
-CASES = [("llama", scheme) for scheme in SCHEMES if scheme != "w8a8-smooth"] + [
+CASES = [("llama", scheme) for scheme in INPUTS if scheme != "w8a8-smooth"] + [
     ("phi3", "w8a8-static-asym")
 ]
 CASE_IDS = [f"{arch}-{scheme}" for arch, scheme in CASES]
@@ -61,8 +61,8 @@ CASE_IDS = [f"{arch}-{scheme}" for arch, scheme in CASES]
 def quantized(tmp_path_factory, tiny_model_factory):
     cache_root = tmp_path_factory.mktemp("quantized")
 
-    def make(arch: str, scheme: str) -> Path:
-        return quantized_checkpoint(tiny_model_factory(arch), scheme, cache_root)
+    def make(arch: str, scheme: str, gptq: bool = False) -> Path:
+        return quantized_checkpoint(tiny_model_factory(arch), scheme, cache_root, gptq=gptq)
 
     return make
 
@@ -271,11 +271,12 @@ def test_reference_dequantizes_and_fake_quantizes(quantized):
 
 def test_an_unknown_scheme_is_refused(tmp_path, tiny_model_factory):
     source = tiny_model_factory("llama")
-    supported = "w8a8-dynamic, w8a8-smooth, w8a8-static, w8a8-static-asym"
+    supported = ("w8a8-dynamic, w8a8-smooth, w8a8-static, w8a8-static-asym, w4a16, "
+                 "w4a16-asym, gptq, gptq-act-order, awq")  # fmt: skip
     with pytest.raises(ValueError, match=f"'w4a4'; supported: {supported}"):
         make_quantized_checkpoint(source, tmp_path / "out", "w4a4")
-    with pytest.raises(ValueError, match="'gptq'"):
-        quantized_checkpoint(source, "gptq", tmp_path / "cache")
+    with pytest.raises(ValueError, match="'gptq-v2'"):
+        quantized_checkpoint(source, "gptq-v2", tmp_path / "cache")
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
@@ -341,6 +342,8 @@ def test_cli_help_lists_the_schemes():
     for scheme, description in SCHEMES.items():
         assert scheme in proc.stdout
         assert description.split(",")[0] in proc.stdout
+    # GPTQ is opt-in and says why.
+    assert "--gptq" in proc.stdout and "experimental" in proc.stdout
 
 
 # MoE checkpoints (w8a8-dynamic only): routed experts quantized per expert, routers kept.
@@ -635,3 +638,620 @@ def test_smooth_is_refused_without_an_up_down_pair():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="w8a8-smooth: found no MLP with up_proj"):
         smooth_mlps(model, tokenizer=None)
+
+
+# Weight-only 4-bit: compressed-tensors W4A16 (pack-quantized), GPTQ and AWQ. Rounded to
+# nearest by default; GPTQ (gptq=True) is built for the tiny llama and GPTQ_SCHEMES only.
+
+INT4 = ["w4a16", "w4a16-asym", "gptq", "gptq-act-order", "awq"]
+#: The schemes also built with GPTQ: compressed-tensors' path, the GPTQ format with
+#: act-order, the AWQ format.
+GPTQ_SCHEMES = ["w4a16-asym", "gptq-act-order", "awq"]
+#: The tiny llama's input sizes (hidden 128, intermediate 256) all divide by 128.
+TINY_GROUP = 128
+#: Half a step, plus the float16 rounding of GPTQ's and AWQ's scales: a value at the edge of
+#: the range sits up to 7.5 (GPTQ) or 15 (AWQ) steps from zero, 2^-11 of a step off each.
+HALF_STEP = {"w4a16": 0.5 + 1e-4, "w4a16-asym": 0.5 + 1e-4, "gptq": 0.5 + 0.01,
+             "gptq-act-order": 0.5 + 0.01, "awq": 0.5 + 0.01}  # fmt: skip
+
+
+def int4_weights(folder: Path, scheme: str) -> dict[str, torch.Tensor]:
+    """The reference's dequantized float weights of the checkpoint, by tensor name."""
+    from tests.quant_reference import dequantize_int4
+
+    fmt = {"gptq": "gptq", "gptq-act-order": "gptq", "awq": "awq"}.get(scheme, "pack-quantized")
+    return dequantize_int4(tensors(folder), fmt)
+
+
+def per_weight_step(written: dict, linear: str, scheme: str, shape) -> torch.Tensor:
+    """The scale each weight element [N, K] was quantized with."""
+    n, k = shape
+    if scheme.startswith("w4a16"):
+        scale = written[f"{linear}.weight_scale"].float()  # [N, G']
+        return scale.repeat_interleave(k // scale.shape[1], dim=1)
+    scale = written[f"{linear}.scales"].float()  # [G', N]
+    if "g_idx" in [name.rpartition(".")[2] for name in written if name.startswith(linear)]:
+        return scale[written[f"{linear}.g_idx"].long()].t()
+    return scale.repeat_interleave(k // scale.shape[0], dim=0).t()
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w4a16-asym"])
+def test_w4a16_config_is_what_compressed_tensors_writes(quantized, scheme):
+    import compressed_tensors
+    from compressed_tensors.quantization import QuantizationConfig
+
+    folder = quantized("llama", scheme)
+    written = quantization_config(folder)
+    symmetric = scheme == "w4a16"
+    assert written["format"] == "pack-quantized"
+    assert written["quantization_status"] == "compressed"
+    assert written["ignore"] == ["lm_head"]
+    group = written["config_groups"]["group_0"]
+    assert group["targets"] == ["Linear"] and group["format"] == "pack-quantized"
+    assert group["input_activations"] is None and group["output_activations"] is None
+    expected = dict(num_bits=4, type="int", strategy="group", group_size=TINY_GROUP,
+                    symmetric=symmetric, dynamic=False, actorder=None,
+                    zp_dtype=None if symmetric else "torch.int8")  # fmt: skip
+    assert expected.items() <= group["weights"].items()
+    parsed = QuantizationConfig.model_validate(written)
+    assert written == {
+        "version": compressed_tensors.__version__,
+        "quant_method": "compressed-tensors",
+        "sparsity_config": {},
+        "transform_config": {},
+        **json.loads(json.dumps(parsed.model_dump(exclude={"quant_method"}))),
+    }
+    marker = json.loads((folder / MARKER).read_text())
+    assert marker["scheme"] == scheme and marker["format"] == "pack-quantized"
+    assert marker["group_size"] == TINY_GROUP
+
+
+@pytest.mark.parametrize("scheme", ["gptq", "gptq-act-order", "awq"])
+def test_gptq_and_awq_configs_are_what_the_tools_write(quantized, tiny_model_factory, scheme):
+    folder = quantized("llama", scheme)
+    config = json.loads((folder / "config.json").read_text())
+    source = json.loads((tiny_model_factory("llama") / "config.json").read_text())
+    written = config.pop("quantization_config")
+    # The tools save float16 models.
+    assert config == source | {"dtype": "float16"}
+    if scheme == "awq":
+        assert written == {"quant_method": "awq", "zero_point": True,
+                           "group_size": TINY_GROUP, "bits": 4, "version": "gemm",
+                           "modules_to_not_convert": None}  # fmt: skip
+        assert not (folder / "quantize_config.json").exists()
+    else:
+        meta = written.pop("meta")
+        assert meta["quantizer"][0].startswith("vllm-kunlun:")
+        assert written == {"bits": 4, "group_size": TINY_GROUP,
+                           "desc_act": scheme == "gptq-act-order", "sym": True, "lm_head": False,
+                           "quant_method": "gptq", "checkpoint_format": "gptq",
+                           "pack_dtype": "int32", "damp_percent": 0.01, "static_groups": False,
+                           "true_sequential": True}  # fmt: skip
+        assert json.loads((folder / "quantize_config.json").read_text()) == written | {"meta": meta}
+    marker = json.loads((folder / MARKER).read_text())
+    assert marker["scheme"] == scheme and marker["group_size"] == TINY_GROUP
+    assert marker["format"] == ("awq" if scheme == "awq" else "gptq")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (folder / name).is_file()
+
+
+@pytest.mark.parametrize("scheme", INT4)
+def test_int4_tensors_have_the_names_dtypes_and_shapes_of_the_format(
+    quantized, tiny_model_factory, scheme
+):
+    source = tensors(tiny_model_factory("llama"))
+    written = tensors(quantized("llama", scheme))
+    linears = quantized_linears("llama")
+    leaves = {"w4a16": ["weight_packed", "weight_scale", "weight_shape"],
+              "gptq": ["qweight", "qzeros", "scales", "g_idx"],
+              "awq": ["qweight", "qzeros", "scales"]}  # fmt: skip
+    leaves["w4a16-asym"] = [*leaves["w4a16"], "weight_zero_point"]
+    leaves["gptq-act-order"] = leaves["gptq"]
+    others = [name for name in source if name.rpartition(".")[0] not in linears]
+    assert set(written) == set(others) | {f"{m}.{leaf}" for m in linears for leaf in leaves[scheme]}
+    for linear in linears:
+        n, k = source[f"{linear}.weight"].shape
+        groups = k // TINY_GROUP
+
+        def check(leaf, dtype, shape, linear=linear):
+            tensor = written[f"{linear}.{leaf}"]
+            assert (tensor.dtype, tuple(tensor.shape)) == (dtype, shape), (linear, leaf)
+
+        if scheme.startswith("w4a16"):
+            check("weight_packed", torch.int32, (n, k // 8))
+            check("weight_scale", torch.float32, (n, groups))  # the model's dtype
+            check("weight_shape", torch.int64, (2,))
+            assert written[f"{linear}.weight_shape"].tolist() == [n, k]
+            if scheme == "w4a16-asym":
+                check("weight_zero_point", torch.int32, (n // 8, groups))
+        elif scheme == "awq":
+            check("qweight", torch.int32, (k, n // 8))
+            check("qzeros", torch.int32, (groups, n // 8))
+            check("scales", torch.float16, (groups, n))
+        else:
+            check("qweight", torch.int32, (k // 8, n))
+            check("qzeros", torch.int32, (groups, n // 8))
+            check("scales", torch.float16, (groups, n))
+            check("g_idx", torch.int32, (k,))
+            # GPTQ v1 stores the symmetric zero point 8 as 7 in every nibble.
+            assert bool((written[f"{linear}.qzeros"] == 0x77777777).all())
+    tool_dtype = None if scheme.startswith("w4a16") else torch.float16
+    for name in others:  # embeddings, norms, lm_head: float16 for the tools, else untouched
+        expected = source[name] if tool_dtype is None else source[name].to(tool_dtype)
+        assert written[name].dtype == expected.dtype and torch.equal(written[name], expected)
+
+
+@pytest.mark.parametrize("scheme", INT4)
+def test_int4_weights_round_trip_within_half_a_step(quantized, tiny_model_factory, scheme):
+    """Round to nearest (the default): each weight is a whole number of steps within the
+    format's range, within half a step (the stored scale) of the float weight, the scales
+    are the format's min-max formula over the float weights, and the file dequantizes
+    exactly to round_to_nearest with the format's grid and groups."""
+    from vllm_kunlun.model_zoo.gptq import round_to_nearest
+
+    source = tensors(tiny_model_factory("llama"))
+    folder = quantized("llama", scheme)
+    assert "weights" not in json.loads((folder / MARKER).read_text())
+    written = tensors(folder)
+    dequantized = int4_weights(folder, scheme)
+    for linear in quantized_linears("llama"):
+        original = source[f"{linear}.weight"].float()
+        step = per_weight_step(written, linear, scheme, original.shape)
+        got = dequantized[f"{linear}.weight"]
+        steps = got / step  # q - zero
+        assert bool((steps - steps.round()).abs().max() < 1e-3), linear
+        low, high = (-8, 7) if scheme in ("w4a16", "gptq", "gptq-act-order") else (-15, 15)
+        assert int(steps.round().min()) >= low and int(steps.round().max()) <= high, linear
+        error = (got - original).abs()
+        assert bool((error <= step * HALF_STEP[scheme]).all()), linear
+        assert 0.2 < float((error / step).mean()) < 0.3, linear  # really 4 bits
+        # The same groups (act-order's from g_idx), rounded to nearest with the grid.
+        g_idx = written.get(f"{linear}.g_idx")
+        order = None if g_idx is None else torch.argsort(g_idx.long(), stable=True)
+        grid = int4_grid(scheme, folder, source[f"{linear}.weight"])
+        expected = round_to_nearest(source[f"{linear}.weight"], TINY_GROUP, grid, order)
+        # compressed-tensors rounds w / s + z, here round(w / s) + z: a float tie (w / s
+        # half-way between two integers) may go either way, one step apart.
+        apart = (got - expected.dequantize()).abs() / step
+        ratio = original / step
+        tie = (ratio - ratio.floor() - 0.5).abs() < 1e-4
+        assert bool(((apart < 1e-6) | (tie & ((apart - 1).abs() < 1e-4))).all()), linear
+        if scheme.startswith("gptq"):
+            continue  # act-order groups are not contiguous: checked with g_idx below
+        grouped = original.reshape(original.shape[0], -1, TINY_GROUP)
+        absmax, low_, high_ = grouped.abs().amax(-1), grouped.amin(-1), grouped.amax(-1)
+        if scheme == "w4a16":
+            expected_scale = absmax / 7.5  # compressed-tensors' int4 range [-8, 7]
+            scale = written[f"{linear}.weight_scale"]
+        elif scheme == "w4a16-asym":
+            expected_scale = (high_.clamp(min=0) - low_.clamp(max=0)) / 15
+            scale = written[f"{linear}.weight_scale"]
+        else:
+            expected_scale = ((high_ - low_) / 15).half().float()
+            scale = written[f"{linear}.scales"].float().t()
+        torch.testing.assert_close(scale.float(), expected_scale)
+
+
+def calibration_inputs(folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The float model's inputs [tokens, K] of the named Linears on the calibration text,
+    gathered here with hooks of the test's own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_kunlun.model_zoo.calibration import calibration_chunks
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    modules = dict(model.named_modules())
+    handles = [
+        modules[name].register_forward_pre_hook(
+            lambda _m, args, name=name: seen[name].append(args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for name in names
+    ]
+    with torch.no_grad():
+        for chunk in calibration_chunks(AutoTokenizer.from_pretrained(folder)):
+            model(torch.tensor([chunk]), use_cache=False)
+    for handle in handles:
+        handle.remove()
+    return {name: torch.cat(xs).double() for name, xs in seen.items()}
+
+
+def gptq_reference(scheme: str, weight: torch.Tensor, hessian: torch.Tensor, folder: Path):
+    """GPTQ of one weight with the grid and group order the scheme writes."""
+    from vllm_kunlun.model_zoo import quantized_int4 as int4
+    from vllm_kunlun.model_zoo.gptq import gptq_quantize
+
+    order = int4.act_order(torch.diagonal(hessian)) if scheme == "gptq-act-order" else None
+    grid = int4_grid(scheme, folder, weight)
+    return gptq_quantize(weight, hessian, TINY_GROUP, grid, order)
+
+
+@pytest.mark.parametrize("scheme", GPTQ_SCHEMES)
+def test_int4_checkpoints_dequantize_to_gptqs_weights(quantized, tiny_model_factory, scheme):
+    """With gptq=True the written tensors dequantize exactly to GPTQ's result with the float
+    model's Hessians on the calibration text (for w4a16-asym the compressed-tensors
+    compressor re-rounds GPTQ's weights to the same integers)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_kunlun.model_zoo.calibration import calibration_chunks
+    from vllm_kunlun.model_zoo.gptq import collect_hessians
+
+    source_dir = tiny_model_factory("llama")
+    source = tensors(source_dir)
+    folder = quantized("llama", scheme, gptq=True)
+    assert json.loads((folder / MARKER).read_text())["weights"] == "gptq"
+    dequantized = int4_weights(folder, scheme)
+    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype="auto").eval()
+    chunks = calibration_chunks(AutoTokenizer.from_pretrained(source_dir))
+    hessians = collect_hessians(model, chunks, quantized_linears("llama"))
+    for linear in quantized_linears("llama"):
+        weight = source[f"{linear}.weight"]
+        expected = gptq_reference(scheme, weight, hessians[linear], folder).dequantize()
+        assert torch.equal(dequantized[f"{linear}.weight"], expected), linear
+
+
+def int4_grid(scheme: str, folder: Path, weight: torch.Tensor):
+    """The group quantizer (scale and zero formulas, integer range) of the scheme."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    from vllm_kunlun.model_zoo import quantized_int4 as int4
+    from vllm_kunlun.model_zoo.quantized import _compressed_tensors_grid
+
+    if scheme.startswith("w4a16"):
+        args = quantization_config(folder)["config_groups"]["group_0"]["weights"]
+        return _compressed_tensors_grid(QuantizationArgs(**args), weight.dtype)
+    return int4.AWQ_GRID if scheme == "awq" else int4.GPTQ_GRID
+
+
+@pytest.mark.parametrize("scheme", ["awq", "w4a16-asym"])
+def test_gptq_lowers_the_layer_output_error_of_round_to_nearest(
+    quantized, tiny_model_factory, scheme
+):
+    """sum over the calibration inputs of ||X W^T - X Q^T||^2, X gathered by the test's own
+    hooks: GPTQ's Q (as written with gptq=True) against round to nearest with the format's
+    scales (the default checkpoint's weights: test_int4_weights_round_trip_within_...)."""
+    from vllm_kunlun.model_zoo.gptq import round_to_nearest
+
+    source_dir = tiny_model_factory("llama")
+    source = tensors(source_dir)
+    folder = quantized("llama", scheme, gptq=True)
+    dequantized = int4_weights(folder, scheme)
+    inputs = calibration_inputs(source_dir, quantized_linears("llama"))
+    total_gptq = total_rtn = 0.0
+    for linear in quantized_linears("llama"):
+        weight, x = source[f"{linear}.weight"], inputs[linear]
+        rtn = round_to_nearest(weight, TINY_GROUP, int4_grid(scheme, folder, weight))
+
+        def output_error(q, weight=weight, x=x):
+            return float(((x @ weight.double().t() - x @ q.double().t()) ** 2).sum())
+
+        gptq_error = output_error(dequantized[f"{linear}.weight"])
+        rtn_error = output_error(rtn.dequantize())
+        assert gptq_error < rtn_error, linear
+        total_gptq, total_rtn = total_gptq + gptq_error, total_rtn + rtn_error
+    assert total_gptq < 0.8 * total_rtn
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_an_identity_hessian_is_round_to_nearest(act_order):
+    """With H = I the error updates vanish: GPTQ's integers and scales are the plain
+    formulas, q = clamp(round(w / s) + 8, 0, 15), s = fp16(2 * absmax / 15) per group."""
+    from vllm_kunlun.model_zoo import quantized_int4 as int4
+    from vllm_kunlun.model_zoo.gptq import gptq_quantize
+
+    torch.manual_seed(0)
+    n, k, group = 16, 256, 64
+    weight = torch.randn(n, k)
+    order = torch.randperm(k) if act_order else torch.arange(k)
+    result = gptq_quantize(weight, torch.eye(k), group, int4.GPTQ_GRID, order)
+    g_idx = torch.empty(k, dtype=torch.long)
+    g_idx[order] = torch.arange(k) // group
+    assert torch.equal(result.g_idx.long(), g_idx)
+    absmax = torch.stack([weight[:, g_idx == g].abs().amax(dim=1) for g in range(k // group)], 1)
+    scales = (2 * absmax / 15).half().float()
+    assert torch.equal(result.scales, scales)
+    expected = torch.clamp(torch.round(weight / scales[:, g_idx]) + 8, 0, 15)
+    assert torch.equal(result.q, expected)
+    # A dead input (never active) is zeroed and the others still quantized.
+    hessian = torch.eye(k)
+    hessian[3, 3] = 0
+    dead = gptq_quantize(weight, hessian, group, int4.GPTQ_GRID, order)
+    assert bool((dead.dequantize()[:, 3] == 0).all())
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w4a16-asym"])
+def test_w4a16_reference_unpacking_agrees_with_compressed_tensors(quantized, scheme):
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+
+    folder = quantized("llama", scheme)
+    written = tensors(folder)
+    group = quantization_config(folder)["config_groups"]["group_0"]
+    ct_scheme = QuantizationScheme.model_validate(group)
+    dequantized = int4_weights(folder, scheme)
+    for linear in quantized_linears("llama"):
+        state = {leaf: written[name] for name in written
+                 for module, _, leaf in [name.rpartition(".")] if module == linear}  # fmt: skip
+        ct_weight = PackedQuantizationCompressor.decompress(state, ct_scheme)["weight"]
+        torch.testing.assert_close(ct_weight.float(), dequantized[f"{linear}.weight"])
+
+
+def test_awq_packing_agrees_with_vllms_conversion(quantized, monkeypatch):
+    """vLLM repacks AWQ's qweight and qzeros into the standard order (qweight along K,
+    zeros [N/8, G'] along N) before its kernels see them; unpacked, they are the values the
+    reference reads."""
+    from vllm.model_executor import parameter
+    from vllm.model_executor.layers.quantization.auto_awq import _convert_awq_to_standard_format
+
+    from tests.quant_reference import AWQ_ORDER, unpack_int4
+
+    # Its parameters ask for the tensor-parallel rank: one rank, no process group here.
+    monkeypatch.setattr(parameter, "get_tensor_model_parallel_rank", lambda: 0)
+    monkeypatch.setattr(parameter, "get_tensor_model_parallel_world_size", lambda: 1)
+    written = tensors(quantized("llama", "awq"))
+    for linear in quantized_linears("llama"):
+        layer = torch.nn.Module()
+        for leaf in ("qweight", "qzeros"):
+            layer.register_parameter(leaf, torch.nn.Parameter(written[f"{linear}.{leaf}"].clone(),
+                                                              requires_grad=False))  # fmt: skip
+        _convert_awq_to_standard_format(layer, "qweight", "qzeros", 4)
+        q = unpack_int4(written[f"{linear}.qweight"], dim=1, order=AWQ_ORDER)  # [K, N]
+        zeros = unpack_int4(written[f"{linear}.qzeros"], dim=1, order=AWQ_ORDER)  # [G', N]
+        assert torch.equal(unpack_int4(layer.qweight.data, dim=0), q)
+        assert torch.equal(unpack_int4(layer.qzeros.data, dim=0), zeros.t())
+        assert int(zeros.min()) > 0 and int(zeros.max()) < 15  # real zero points
+
+
+def test_gptq_groups_without_and_with_act_order(quantized, tiny_model_factory):
+    """g_idx: contiguous groups without act-order; with it (rounded to nearest, no GPTQ), a
+    proper group assignment of exactly G channels per group, the channels of higher input
+    energy on the calibration text (GPTQ's Hessian diagonal) in earlier groups; scales the
+    symmetric min-max of each group."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_kunlun.model_zoo.calibration import calibration_chunks
+
+    source_dir = tiny_model_factory("llama")
+    source = tensors(source_dir)
+    plain = tensors(quantized("llama", "gptq"))
+    ordered = tensors(quantized("llama", "gptq-act-order"))
+    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    energy: dict[str, torch.Tensor] = {}
+
+    def observe(name):
+        def hook(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            energy[name] = energy.get(name, 0) + (x * x).sum(dim=0)
+
+        return hook
+
+    for name, module in model.named_modules():
+        if name in quantized_linears("llama"):
+            module.register_forward_pre_hook(observe(name))
+    with torch.no_grad():
+        for chunk in calibration_chunks(tokenizer):
+            model(torch.tensor([chunk]), use_cache=False)
+
+    permuted = 0
+    for linear in quantized_linears("llama"):
+        k = source[f"{linear}.weight"].shape[1]
+        assert torch.equal(plain[f"{linear}.g_idx"].long(), torch.arange(k) // TINY_GROUP)
+        g_idx = ordered[f"{linear}.g_idx"].long()
+        counts = torch.bincount(g_idx)
+        assert counts.tolist() == [TINY_GROUP] * (k // TINY_GROUP), linear
+        groups = [energy[linear][g_idx == g] for g in range(len(counts))]
+        for earlier, later in zip(groups, groups[1:], strict=False):
+            assert float(earlier.min()) >= float(later.max()), linear
+        permuted += not bool((g_idx[1:] >= g_idx[:-1]).all())
+        # Rounded to nearest: each group's scale is 2 * absmax / 15 over its own channels,
+        # in float16.
+        weight = source[f"{linear}.weight"].float()
+        for g in range(len(counts)):
+            absmax = weight[:, g_idx == g].abs().amax(dim=1)
+            expected = (2 * absmax / 15).half().float()
+            torch.testing.assert_close(ordered[f"{linear}.scales"][g].float(), expected)
+    assert permuted == NUM_LAYERS  # the down projections (two groups) really are reordered
+
+
+def test_vllm_parses_the_int4_configs_and_picks_the_wna16_scheme(quantized):
+    from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig
+    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsConfig,
+    )
+    from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
+        CompressedTensorsWNA16,
+    )
+    from vllm.scalar_type import scalar_types
+
+    gptq = quantization_config(quantized("llama", "gptq"))
+    assert AutoGPTQConfig.override_quantization_method(gptq, None) == "auto_gptq"
+    config = AutoGPTQConfig.from_config(gptq)
+    assert (config.weight_bits, config.group_size, config.desc_act) == (4, TINY_GROUP, False)
+    assert config.is_sym and not config.lm_head_quantized
+    assert config.quant_type == scalar_types.uint4b8  # zero point 8: qzeros are not read
+    # vLLM 0.32 no longer loads GPTQ group act-order.
+    with pytest.raises(ValueError, match="desc_act=True"):
+        AutoGPTQConfig.from_config(quantization_config(quantized("llama", "gptq-act-order")))
+
+    config = AutoAWQConfig.from_config(quantization_config(quantized("llama", "awq")))
+    assert (config.weight_bits, config.group_size, config.zero_point) == (4, TINY_GROUP, True)
+    assert config.quant_type == scalar_types.uint4 and not config.lm_head_quantized
+
+    for scheme, symmetric in (("w4a16", True), ("w4a16-asym", False)):
+        config = CompressedTensorsConfig.from_config(
+            quantization_config(quantized("llama", scheme))
+        )
+        assert config.ignore == ["lm_head"]
+        args = config.target_scheme_map["Linear"]
+        weights, inputs = args["weights"], args["input_activations"]
+        assert inputs is None and config._is_wNa16_group_channel(weights, inputs)
+        picked = config._get_scheme_from_parts(weights, inputs, format=args["format"])
+        assert isinstance(picked, CompressedTensorsWNA16)
+        assert (picked.num_bits, picked.group_size, picked.symmetric) == (4, TINY_GROUP, symmetric)
+        assert picked.quant_type == (scalar_types.uint4b8 if symmetric else scalar_types.uint4)
+
+
+@pytest.mark.parametrize("scheme", INT4)
+def test_reference_loads_the_dequantized_int4_weights(quantized, tiny_model_factory, scheme):
+    from transformers import AutoModelForCausalLM
+
+    from tests.quant_reference import hf_fake_quant_greedy
+
+    folder = quantized("llama", scheme)
+    dequantized = int4_weights(folder, scheme)
+    model = load_fake_quant_model(folder)
+    modules = dict(model.named_modules())
+    for linear in quantized_linears("llama"):
+        assert torch.equal(modules[linear].weight.data, dequantized[f"{linear}.weight"])
+        assert not modules[linear]._forward_pre_hooks  # weight-only: activations untouched
+    source = AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama"), dtype=torch.float32)
+    ids = torch.tensor([[1, 500, 900, 33, 7, 4000]])
+    with torch.no_grad():
+        got, expected = model(ids).logits, source(ids).logits
+    # Near the float model (4-bit groups of 128 are coarse on a tiny random model).
+    assert 0 < float((got - expected).abs().max()) < 0.5 * float(expected.abs().max())
+    if scheme == "gptq":
+        [tokens], [margins] = hf_fake_quant_greedy(folder, ["The capital of France is"], 3)
+        assert len(tokens) == len(margins) == 3
+
+
+def test_group_size_is_the_largest_that_divides_every_input(tmp_path, tiny_model_factory,
+                                                           default_model):  # fmt: skip
+    from vllm_kunlun.model_zoo.quantized_int4 import choose_group_size
+
+    config = json.loads((default_model / "config.json").read_text())
+    attention = config["num_attention_heads"] * config.get(
+        "head_dim", config["hidden_size"] // config["num_attention_heads"]
+    )
+    sizes = {"hidden": config["hidden_size"], "o_proj": attention,
+             "down_proj": config["intermediate_size"]}  # fmt: skip
+    assert choose_group_size(sizes) == (64 if config["hidden_size"] == 576 else 128)
+    assert choose_group_size({"a": 128, "b": 256}) == 128
+    assert choose_group_size({"a": 96 * 4, "b": 96}) == 32
+    with pytest.raises(ValueError, match="no group size of 128, 64, 32 divides.*: 48, 80"):
+        choose_group_size({"a": 128, "b": 48, "c": 80})
+
+
+def test_a_group_size_that_fits_is_chosen_and_recorded(quantized, capfd):
+    # Mixtral's experts are 96 wide: their down projections take groups of 32.
+    folder = quantized("mixtral", "w4a16")
+    group = quantization_config(folder)["config_groups"]["group_0"]["weights"]
+    assert group["group_size"] == 32
+    assert json.loads((folder / MARKER).read_text())["group_size"] == 32
+    written = tensors(folder)
+    down = written["model.layers.0.block_sparse_moe.experts.0.w2.weight_scale"]
+    assert tuple(down.shape) == (128, 96 // 32)
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_w4a16_moe_packs_the_experts_and_keeps_the_routers(quantized, tiny_model_factory, arch):
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+        CompressedTensorsConfig,
+    )
+
+    folder = quantized(arch, "w4a16")
+    source = tensors(tiny_model_factory(arch))
+    written = tensors(folder)
+    block, (gate, up, down), ignore = MOE[arch]
+    experts = expert_weights(arch, source)
+    kept = [n for n in source if n.endswith((".gate.weight", ".shared_expert_gate.weight"))]
+    linears = [name.removesuffix(".weight") for name, tensor in source.items()
+               if ".layers." in name and tensor.dim() == 2 and name not in kept]  # fmt: skip
+    assert set(experts) <= set(linears)
+    packed = {f"{m}.{leaf}" for m in linears for leaf in ("weight_packed", "weight_scale",
+                                                          "weight_shape")}  # fmt: skip
+    assert set(written) == (set(source) - {f"{m}.weight" for m in linears}) | packed
+    dequantized = int4_weights(folder, "w4a16")
+    group_size = quantization_config(folder)["config_groups"]["group_0"]["weights"]["group_size"]
+    for expert in experts:
+        original = source[f"{expert}.weight"].float()
+        scale = written[f"{expert}.weight_scale"].float()
+        assert scale.shape == (original.shape[0], original.shape[1] // group_size)
+        step = scale.repeat_interleave(group_size, dim=1)
+        error = (dequantized[f"{expert}.weight"] - original).abs()
+        assert bool((error <= step * (0.5 + 1e-4)).all()), expert
+    for name in kept:
+        assert torch.equal(written[name], source[name])
+
+    config = CompressedTensorsConfig.from_config(quantization_config(folder))
+    assert config.ignore == ignore
+    mapping = RoutedExperts.build_expert_params_mapping(
+        gate, down, up, num_experts=1 + max(int(e.split(".")[-2]) for e in experts),
+        routed_experts_prefix="", include_fused=True,
+    )  # fmt: skip
+    for name in [n for n in written if ".experts." in n]:
+        [(param, weight_name, _, _)] = [m for m in mapping if m[1] in name]
+        leaf = name.rpartition(".")[2]
+        param_name = name.replace(weight_name, param).rpartition(".experts.")[2]
+        assert param_name == f"{'w2' if name.split('.')[-2] == down else 'w13'}_{leaf}", name
+    config._add_fused_moe_to_target_scheme_map()
+    layer = RoutedExperts.__new__(RoutedExperts)
+    prefix = f"model.layers.0.{block}.experts"
+    [scheme] = {json.dumps(config.get_scheme_dict(layer, f"{prefix}.0.{p}"), default=str)
+                for p in (gate, up, down)}  # fmt: skip
+    found = config.get_scheme_dict(layer, f"{prefix}.0.{gate}")
+    assert config._is_wNa16_group_channel(found["weights"], found["input_activations"])
+    gate_linear = type("GateLinear", (torch.nn.Module,), {})()
+    assert config.get_scheme_dict(gate_linear, f"model.layers.1.{block}.gate") is None
+
+
+def test_w4a16_moe_reference_fuses_the_dequantized_experts(quantized):
+    folder = quantized("qwen3-moe", "w4a16")
+    dequantized = int4_weights(folder, "w4a16")
+    model = load_fake_quant_model(folder)
+    experts = model.model.layers[0].mlp.experts
+    assert not isinstance(experts.forward, ExpertLoop)  # weight-only: transformers' own
+    for e in range(experts.num_experts):
+        prefix = f"model.layers.0.mlp.experts.{e}"
+        gate_up = torch.cat([dequantized[f"{prefix}.gate_proj.weight"],
+                             dequantized[f"{prefix}.up_proj.weight"]])  # fmt: skip
+        assert torch.equal(experts.gate_up_proj[e], gate_up)
+        assert torch.equal(experts.down_proj[e], dequantized[f"{prefix}.down_proj.weight"])
+
+
+@pytest.mark.parametrize("scheme", ["gptq", "gptq-act-order", "awq"])
+def test_gptq_and_awq_are_refused_for_moe(tmp_path, tiny_model_factory, scheme):
+    with pytest.raises(ValueError, match=f"MoE model: scheme '{scheme}' is written for dense"):
+        make_quantized_checkpoint(tiny_model_factory("qwen3-moe"), tmp_path / "out", scheme)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int4_cache_keeps_the_group_size_in_the_marker(tmp_path, tiny_model_factory):
+    source = tiny_model_factory("llama")
+    first = quantized_checkpoint(source, "awq", tmp_path)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert quantized_checkpoint(source, "awq", tmp_path) == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    # A marker without the group size (written before groups existed) is made again.
+    marker = json.loads((first / MARKER).read_text())
+    del marker["group_size"]
+    (first / MARKER).write_text(json.dumps(marker))
+    assert quantized_checkpoint(source, "awq", tmp_path) == first
+    assert json.loads((first / MARKER).read_text())["group_size"] == TINY_GROUP
+
+
+def test_gptq_is_opt_in_and_cached_apart_from_round_to_nearest(quantized, tiny_model_factory):
+    """A GPTQ copy and a round-to-nearest copy of one scheme are different cache entries
+    (folder name and marker), neither taken for the other; GPTQ is for 4-bit schemes."""
+    from vllm_kunlun.model_zoo.quantized import is_complete
+
+    source = tiny_model_factory("llama")
+    rtn, gptq = quantized("llama", "awq"), quantized("llama", "awq", gptq=True)
+    assert (
+        rtn.parent == gptq.parent
+        and rtn != gptq
+        and gptq.name.startswith(f"{source.name}-awq-gptq-")
+    )
+    rtn_marker = json.loads((rtn / MARKER).read_text())
+    gptq_marker = json.loads((gptq / MARKER).read_text())
+    assert gptq_marker == rtn_marker | {"weights": "gptq"}
+    assert is_complete(rtn, source, "awq") and is_complete(gptq, source, "awq", gptq=True)
+    assert not is_complete(rtn, source, "awq", gptq=True)
+    assert not is_complete(gptq, source, "awq")
+    assert not torch.equal(tensors(rtn)["model.layers.0.mlp.down_proj.qweight"],
+                           tensors(gptq)["model.layers.0.mlp.down_proj.qweight"])  # fmt: skip
+    with pytest.raises(ValueError, match="4-bit schemes only, not 'w8a8-dynamic'"):
+        quantized("llama", "w8a8-dynamic", gptq=True)

@@ -1,4 +1,5 @@
-"""Quantized checkpoints end to end through the plugin (compressed-tensors W8A8 int8).
+"""Quantized checkpoints end to end through the plugin (compressed-tensors W8A8 int8; weight-only
+4-bit: compressed-tensors W4A16, GPTQ, AWQ).
 
 Checkpoints are made offline from the tiny models (vllm_kunlun.model_zoo.quantized, what
 `vllm-kunlun quantize` writes). Each is checked against two independent references:
@@ -39,9 +40,18 @@ MAX_TOKENS = 32
 #: Logit gap under which the reference's greedy choice is a near tie (see the docstring).
 TIE_MARGIN = 0.02
 QUANT_LOGPROB_TOLERANCE = 1e-2
-#: The quant op each activation scheme quantizes with.
-QUANTIZE_OP = {"w8a8-dynamic": "int8_quant_per_token", "w8a8-static": "int8_quant_static",
-               "w8a8-static-asym": "int8_quant_static"}  # fmt: skip
+#: The quant ops each scheme's linear layers run, and the plugin kernel that runs them.
+INT8 = ("KunlunInt8ScaledMMLinearKernel", "int8_scaled_mm")
+WNA16 = ("KunlunWNA16LinearKernel",)
+SCHEME_OPS = {
+    "w8a8-dynamic": (*INT8, "int8_quant_per_token"),
+    "w8a8-static": (*INT8, "int8_quant_static"),
+    "w8a8-static-asym": (*INT8, "int8_quant_static"),
+    "w4a16": (*WNA16, "wna16_gemm"),
+    "gptq": (*WNA16, "wna16_gemm"),
+    "awq": (*WNA16, "wna16_gemm"),
+    "w4a16-asym": (*WNA16, "wna16_gemm"),
+}
 
 
 @pytest.fixture(scope="session")
@@ -77,10 +87,11 @@ def check_quantized(model, scheme: str, tmp_path, *, in_tree: bool, enforce_eage
     assert result["platform"] == "EmulatedKunlunPlatform"
     assert_same_tokens_up_to_near_ties(result["token_ids"], model)
     counts = read_op_stats(stats_dir)
-    assert counts.get(QUANTIZE_OP[scheme], 0) > 0 and counts.get("int8_scaled_mm", 0) > 0, counts
+    kernel, *ops = SCHEME_OPS[scheme]
+    assert all(counts.get(op, 0) > 0 for op in ops), counts
     assert_only_plugin_ops_and_listed_native_layers(tmp_path, result["log"], counts)
     (report,) = routes.read_reports(tmp_path / "routes")
-    quantized = [row for row in report.rows if "KunlunInt8ScaledMMLinearKernel" in row.detail]
+    quantized = [row for row in report.rows if kernel in row.detail]
     assert quantized and all(row.route == routes.PLUGIN_OP for row in quantized)
     # Only the unquantized LM head (and embedding) stay a native GEMM.
     native_linear = [row for row in report.rows if "UnquantizedLinearMethod" in row.detail]
@@ -107,6 +118,48 @@ def test_w8a8_models_match_fake_quantized_transformers(arch, scheme, in_tree, co
                                                        quantized_model, tmp_path):  # fmt: skip
     model = quantized_model(arch, scheme)
     check_quantized(model, scheme, tmp_path, in_tree=in_tree, enforce_eager=not compiled)
+
+
+@pytest.mark.parametrize(
+    ("arch", "scheme", "compiled"),
+    [
+        ("llama", "w4a16", False),
+        ("llama", "gptq", False),
+        ("llama", "awq", False),
+        # vLLM's default torch.compile path traces wna16_gemm through its fake kernel.
+        ("qwen2", "w4a16-asym", True),
+    ],
+)
+def test_weight_only_4bit_models_match_dequantized_transformers(
+    arch, scheme, compiled, quantized_model, tmp_path
+):
+    """Weight-only checkpoints in float32 (GPTQ and AWQ too, though their files are fp16): the
+    reference is transformers on the dequantized weights, with no activation quantization. The
+    in-tree comparison is below, in bf16 (vLLM's CPU wNa16 GEMM takes no float32)."""
+    model = quantized_model(arch, scheme)
+    check_quantized(model, scheme, tmp_path, in_tree=False, enforce_eager=not compiled)
+
+
+#: Largest difference allowed between the plugin's and in-tree's bf16 prompt logprobs (4-bit;
+#: measured 0.024 on both checkpoints).
+WNA16_BF16_LOGPROB_TOLERANCE = 0.05
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "awq"])
+def test_weight_only_4bit_prompt_logprobs_match_in_tree(scheme, quantized_model, tmp_path):
+    """vLLM's in-tree CPU backend (its wNa16 GEMM; bf16 or fp16 only) on the same checkpoint:
+    the logprob of every prompt token given its prefix, both in bf16 (same contexts, so a near
+    tie cannot make the two part)."""
+    model = quantized_model("llama", scheme)
+    figures = {}
+    for name, env in (("plugin", emulation_env(tmp_path / "ops")), ("in-tree", IN_TREE_ENV)):
+        result = run_generation(model, PROMPTS, 1, env=env, dtype="bfloat16", prompt_logprobs=0,
+                                gpu_memory_utilization=0.3)  # fmt: skip
+        figures[name] = [lp for prompt in result["prompt_logprobs"] for lp in prompt[1:]]
+    assert read_op_stats(tmp_path / "ops").get("wna16_gemm", 0) > 0
+    gaps = [abs(a - b) for a, b in zip(figures["plugin"], figures["in-tree"], strict=True)]
+    print(f"\n{scheme}: {len(gaps)} prompt logprobs, largest gap {max(gaps):.4f}")
+    assert max(gaps) <= WNA16_BF16_LOGPROB_TOLERANCE, max(gaps)
 
 
 def test_w8a8_moe_matches_fake_quantized_transformers(quantized_model, tmp_path):
