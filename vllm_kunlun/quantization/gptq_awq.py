@@ -66,12 +66,17 @@ class KunlunAWQLinearMethod(AutoAWQMarlinLinearMethod):
         self.input_dtype = None
 
 
-class KunlunGPTQConfig(AutoGPTQConfig):
-    """GPTQ 4-bit symmetric checkpoints through KunlunWNA16LinearKernel."""
+class _OnKunlun:
+    """What the plugin's GPTQ and AWQ configs share: their own name, no capability or dtype
+    restriction beyond the kernel's, and claiming their method's checkpoints on a Kunlun
+    platform."""
+
+    NAME: str
+    CHECKPOINT_METHOD: str
 
     @classmethod
     def get_name(cls) -> str:
-        return GPTQ_NAME
+        return cls.NAME
 
     @classmethod
     def get_min_capability(cls) -> int:
@@ -83,30 +88,22 @@ class KunlunGPTQConfig(AutoGPTQConfig):
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> str | None:
-        return GPTQ_NAME if _claims(hf_quant_cfg, user_quant, "gptq") else None
+        return cls.NAME if _claims(hf_quant_cfg, user_quant, cls.CHECKPOINT_METHOD) else None
+
+
+class KunlunGPTQConfig(_OnKunlun, AutoGPTQConfig):
+    """GPTQ 4-bit symmetric checkpoints through KunlunWNA16LinearKernel."""
+
+    NAME, CHECKPOINT_METHOD = GPTQ_NAME, "gptq"
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         return get_linear_quant_method(self, layer, prefix, KunlunGPTQLinearMethod)
 
 
-class KunlunAWQConfig(AutoAWQConfig):
+class KunlunAWQConfig(_OnKunlun, AutoAWQConfig):
     """AWQ 4-bit (GEMM) checkpoints through KunlunWNA16LinearKernel."""
 
-    @classmethod
-    def get_name(cls) -> str:
-        return AWQ_NAME
-
-    @classmethod
-    def get_min_capability(cls) -> int:
-        return -1
-
-    @classmethod
-    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
-        return [torch.float32, torch.bfloat16, torch.float16]
-
-    @classmethod
-    def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> str | None:
-        return AWQ_NAME if _claims(hf_quant_cfg, user_quant, "awq") else None
+    NAME, CHECKPOINT_METHOD = AWQ_NAME, "awq"
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
