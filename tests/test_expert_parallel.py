@@ -2,13 +2,14 @@
 
 - Tensor parallel 2 with --enable-expert-parallel: each rank holds half the experts (vLLM's
   expert map) and the ranks' partial outputs are all-reduced; no all-to-all.
-- Data parallel 2 with --enable-expert-parallel, launched offline the SPMD way (one engine
-  per data-parallel rank, each with its own prompts) and by `vllm-kunlun serve
-  --data-parallel-size 2` (two engines behind one server): every MoE layer gathers both
-  ranks' tokens through the `ep` group's all-to-all (vLLM's allgather_reducescatter manager
-  over the Kunlun communicator's all_gatherv), runs this rank's experts on them, and hands
-  each rank back its tokens' sums with reduce_scatterv. Offline, the ranks get different
-  numbers of prompts, so the variable-size collectives see different row counts.
+- Data parallel 2 with --enable-expert-parallel, launched offline the SPMD way on Ray (one
+  engine per data-parallel rank, each with its own prompts) and by `vllm-kunlun serve
+  --data-parallel-size 2` on multiprocessing (two engines behind one server): every MoE
+  layer gathers both ranks' tokens through the `ep` group's all-to-all (vLLM's
+  allgather_reducescatter manager over the Kunlun communicator's all_gatherv), runs this
+  rank's experts on them, and hands each rank back its tokens' sums with reduce_scatterv.
+  Offline, the ranks get different numbers of prompts, so the variable-size collectives see
+  different row counts.
 
 Greedy float32 output equals the single-XPU run token for token. Offline, every rank's op
 accounting shows the plugin's MoE ops (and, with data parallelism, the all-to-all) ran; the
@@ -137,17 +138,6 @@ def run_data_parallel(model: Path, stats_dir: Path, **extra) -> list[dict]:
         if isinstance(result, AssertionError):
             raise result
     return results
-
-
-def test_dp2_expert_parallel_all_to_all_matches_one_xpu(glm4_moe, single_xpu, tmp_path):
-    ranks = run_data_parallel(glm4_moe, tmp_path)
-    assert ranks[0]["token_ids"] == single_xpu[:3]
-    assert ranks[1]["token_ids"] == single_xpu[3:]
-    assert "Using allgather_reducescatter all2all manager" not in ranks[0]["log"]  # not vLLM's CPU
-    assert_every_rank_ran_moe_ops(tmp_path, ranks=2, collectives=ALL_TO_ALL)
-    # Each data-parallel engine's worker binds to its own emulated XPU.
-    assert "Worker 0 runs on emulated XPU 0" in ranks[0]["log"]
-    assert "Worker 0 runs on emulated XPU 1" in ranks[1]["log"]
 
 
 def test_dp2_expert_parallel_all_to_all_on_ray_matches_one_xpu(
