@@ -33,6 +33,16 @@ class UnsupportedQuantization(ValueError):
     """A checkpoint or --quantization option the plugin cannot run."""
 
 
+def on_kunlun_platform() -> bool:
+    """Whether vLLM's current platform is one of the plugin's (the quantization kernels and
+    configs act only there)."""
+    from vllm.platforms import current_platform
+
+    from vllm_kunlun.platform.base import KunlunPlatformBase
+
+    return isinstance(current_platform, KunlunPlatformBase)
+
+
 def refuse(what: str) -> UnsupportedQuantization:
     return UnsupportedQuantization(f"vllm-kunlun cannot run {what}. Supported: {SUPPORTED}.")
 

@@ -8,6 +8,7 @@ shapes; no data) in the engine process catches both, naming the tensor.
 
 from pathlib import Path
 
+from vllm_kunlun.ops.quant.int4_layout import PACK
 from vllm_kunlun.quantization.checkpoint_config import UnsupportedQuantization
 
 WEIGHT, SCALE = ".weight", ".weight_scale"
@@ -95,7 +96,6 @@ def _expect(name: str, got: tuple[int, int], want: tuple[int, int], why: str, fo
 
 FLOATS = ("F16", "BF16", "F32")
 PACKED = ("I32",)
-PACK = 8  # 4-bit values per int32
 
 
 def _groups(depth: int, group_size: int, name: str, folder: Path) -> int:

@@ -27,6 +27,8 @@ from vllm.model_executor.layers.quantization.auto_gptq import (
 from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
 from vllm.model_executor.layers.quantization.utils.gptq_utils import get_linear_quant_method
 
+from vllm_kunlun.quantization.checkpoint_config import on_kunlun_platform
+
 GPTQ_NAME = "kunlun_gptq"
 AWQ_NAME = "kunlun_awq"
 #: What a user may pass as --quantization for each checkpoint method.
@@ -36,18 +38,10 @@ _USER_NAMES = {
 }
 
 
-def _on_kunlun() -> bool:
-    from vllm.platforms import current_platform
-
-    from vllm_kunlun.platform.base import KunlunPlatformBase
-
-    return isinstance(current_platform, KunlunPlatformBase)
-
-
 def _claims(hf_quant_cfg: dict[str, Any], user_quant: str | None, method: str) -> bool:
     """A `method` checkpoint served on a Kunlun platform (other platforms keep vLLM's)."""
     checkpoint = str(hf_quant_cfg.get("quant_method", "")).lower()
-    return _on_kunlun() and checkpoint == method and user_quant in _USER_NAMES[method]
+    return on_kunlun_platform() and checkpoint == method and user_quant in _USER_NAMES[method]
 
 
 class KunlunGPTQLinearMethod(AutoGPTQLinearMethod):

@@ -22,6 +22,7 @@ from vllm.model_executor.kernels.linear.scaled_mm.ScaledMMLinearKernel import (
 from vllm.model_executor.layers.quantization.utils import replace_parameter
 
 from vllm_kunlun.ops import quant
+from vllm_kunlun.quantization.checkpoint_config import on_kunlun_platform
 
 #: int8 absmax = scale x INT8_MAX (KUNLUN.md C4).
 INT8_MAX = 127.0
@@ -54,11 +55,7 @@ class KunlunInt8ScaledMMLinearKernel(Int8ScaledMMLinearKernel):
 
     @classmethod
     def is_supported(cls, compute_capability: int | None = None) -> tuple[bool, str | None]:
-        from vllm.platforms import current_platform
-
-        from vllm_kunlun.platform.base import KunlunPlatformBase
-
-        if not isinstance(current_platform, KunlunPlatformBase):
+        if not on_kunlun_platform():
             return False, "needs a Kunlun platform (vllm-kunlun)"
         return True, None
 

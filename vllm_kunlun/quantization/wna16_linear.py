@@ -29,6 +29,7 @@ from vllm.scalar_type import scalar_types
 
 from vllm_kunlun.ops import quant
 from vllm_kunlun.ops.quant.int4_layout import PACK, pack_int4
+from vllm_kunlun.quantization.checkpoint_config import on_kunlun_platform
 
 #: Weight types with a plugin kernel: 4-bit with an implicit zero point of 8, or with zero points.
 SUPPORTED_TYPES = (scalar_types.uint4b8, scalar_types.uint4)
@@ -52,11 +53,7 @@ class KunlunWNA16LinearKernel(MPLinearKernel):
 
     @classmethod
     def can_implement(cls, c: MPLinearLayerConfig) -> tuple[bool, str | None]:
-        from vllm.platforms import current_platform
-
-        from vllm_kunlun.platform.base import KunlunPlatformBase
-
-        if not isinstance(current_platform, KunlunPlatformBase):
+        if not on_kunlun_platform():
             return False, "needs a Kunlun platform (vllm-kunlun)"
         if c.weight_type not in SUPPORTED_TYPES:
             return False, f"weight type {c.weight_type} (4-bit weights only: uint4b8, uint4)"
@@ -91,8 +88,8 @@ class KunlunWNA16LinearKernel(MPLinearKernel):
         groups, depth = scales_kn.shape[0], values.shape[0]
         if depth % groups:
             raise ValueError(
-                f"{layer.prefix if hasattr(layer, 'prefix') else 'a weight-only layer'}: input "
-                f"size {depth} is not a multiple of its {groups} quantization groups"
+                f"a weight-only layer's input size {depth} is not a multiple of its {groups} "
+                "quantization groups"
             )
         replace_parameter(layer, self.w_q_name, pack_int4(values).contiguous())
         replace_parameter(layer, self.w_s_name, scales_kn.to(self.config.act_type))
