@@ -52,7 +52,8 @@ def main() -> None:
 def finish(llm, result: dict) -> NoReturn:
     """Print the result, stop the engine, and leave without interpreter teardown.
 
-    The engine is shut down explicitly, so its workers exit cleanly and write their op counts.
+    Workers write their op counts (and the stand-in kunlun_ops its call counts) on request
+    before the engine is shut down: a worker slow to stop is killed and skips its exit hooks.
     The process then ends with os._exit: at normal interpreter exit, a native thread left
     behind by vLLM's pooling path (in-tree backend or plugin alike) sometimes aborts the process
     ("terminate called without an active exception", exit -6) after the work is done.
@@ -64,6 +65,10 @@ def finish(llm, result: dict) -> NoReturn:
 
         if os.environ.get("VLLM_KUNLUN_EMULATE"):  # workers of the plugin: Ray ones too
             llm.collective_rpc("write_op_stats")
+    if os.environ.get("KUNLUN_STANDIN_CALLS"):
+        import kunlun_ops  # the stand-in (tests/standin), on PYTHONPATH for this test
+
+        llm.collective_rpc(kunlun_ops.write_calls)  # pickled: needs insecure serialization
     llm.llm_engine.engine_core.shutdown()
     if stats_dir:  # an engine in this process counts here too
         stats.write_stats(stats_dir)

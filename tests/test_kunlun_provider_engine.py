@@ -33,10 +33,12 @@ def read_standin_calls(directory: Path) -> dict[str, int]:
 def generate(model: Path, kernels: str, tmp_path: Path) -> tuple[dict, dict, dict]:
     """Greedy run with `kernels`; returns (result, plugin op counts, stand-in call counts)."""
     stats_dir, calls_dir = tmp_path / f"ops-{kernels}", tmp_path / f"calls-{kernels}"
-    # Engine workers are separate processes: the stand-in must be importable through the env.
+    # Engine workers are separate processes: the stand-in must be importable through the env,
+    # and tests/generate.py sends them its write_calls function (a pickled callable).
     pythonpath = os.pathsep.join(p for p in (str(STANDIN), os.environ.get("PYTHONPATH")) if p)
     env = emulation_env(stats_dir, VLLM_KUNLUN_KERNELS=kernels, PYTHONPATH=pythonpath,
-                        KUNLUN_STANDIN_CALLS=str(calls_dir))  # fmt: skip
+                        KUNLUN_STANDIN_CALLS=str(calls_dir),
+                        VLLM_ALLOW_INSECURE_SERIALIZATION="1")  # fmt: skip
     result = run_generation(model, PROMPTS, MAX_TOKENS, env=env, dtype="float32")
     assert result["platform"] == "EmulatedKunlunPlatform"
     return result, read_op_stats(stats_dir), read_standin_calls(calls_dir)

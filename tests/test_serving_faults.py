@@ -3,6 +3,7 @@
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -23,6 +24,21 @@ LONG_STREAM = {"model": "default", "prompt": "Once upon a time", "max_tokens": 8
 
 def kv_cache_usage(url: str) -> float:
     return metric(url, "vllm:kv_cache_usage_perc")
+
+
+def usage_while_streaming(url: str, lines: Iterator[str], chunks: int) -> float:
+    """The highest KV usage seen while reading `chunks` stream chunks (sampled after each one:
+    the gauge follows engine steps, and one sample can land before the first step's update)."""
+    samples = []
+    while len(samples) < chunks:
+        if next(lines).startswith("data: "):
+            samples.append(kv_cache_usage(url))
+    if max(samples) == 0.0:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        wanted = ("vllm:kv_cache_usage_perc", "vllm:num_requests")
+        exported = [line for line in text.splitlines() if line.startswith(wanted)]
+        raise AssertionError(f"no KV usage while a request streamed; /metrics: {exported}")
+    return max(samples)
 
 
 def process_named(server: LocalServer, name: str) -> psutil.Process:
@@ -60,11 +76,7 @@ def test_client_disconnect_frees_its_kv_blocks_and_a_requested_stop_exits_0(tmp_
         idle = kv_cache_usage(server.url)
         with httpx.stream("POST", f"{server.url}/v1/completions", json=LONG_STREAM,
                           timeout=120) as response:  # fmt: skip
-            lines = response.iter_lines()
-            chunks = 0
-            while chunks < 20:
-                chunks += next(lines).startswith("data: ")
-            busy = kv_cache_usage(server.url)
+            busy = usage_while_streaming(server.url, response.iter_lines(), chunks=20)
         # Leaving the block closed the connection mid-stream.
         deadline = time.monotonic() + 30
         while kv_cache_usage(server.url) > idle and time.monotonic() < deadline:

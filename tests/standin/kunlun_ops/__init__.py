@@ -16,7 +16,9 @@ Gemma norms compute in float32 and round once (vLLM's GemmaRMSNorm).
 
 KUNLUN_STANDIN_FORM=active|legacy (read at import) selects which recorded signature of rmsnorm and
 add_rmsnorm this module exposes. Calls are counted in CALLS; with KUNLUN_STANDIN_CALLS=<dir> each
-process writes its counts to <dir>/calls-<pid>.json at exit.
+process writes its counts to <dir>/calls-<pid>.json at exit, and when write_calls is called
+(tests/generate.py asks engine workers to, before shutdown: a worker that does not stop within
+vLLM's shutdown timeout is killed and never reaches its exit hook).
 """
 
 import atexit
@@ -47,15 +49,20 @@ CALLS: Counter[str] = Counter()
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _write_calls() -> None:
+def write_calls(_worker: object = None) -> str | None:
+    """Write this process's counts to $KUNLUN_STANDIN_CALLS/calls-<pid>.json; the path, or None.
+
+    `_worker` lets `LLM.collective_rpc(write_calls)` call it on each worker."""
     directory = os.environ.get("KUNLUN_STANDIN_CALLS")
-    if directory and CALLS:
-        path = Path(directory) / f"calls-{os.getpid()}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(dict(CALLS)))
+    if not (directory and CALLS):
+        return None
+    path = Path(directory) / f"calls-{os.getpid()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(CALLS)))
+    return str(path)
 
 
-atexit.register(_write_calls)
+atexit.register(write_calls)
 
 
 def _kernel(fn: Callable) -> Callable:
