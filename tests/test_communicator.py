@@ -17,7 +17,11 @@ import torch.multiprocessing as mp
 from vllm_kunlun.device import EmulatedRuntime, XpuRuntime
 from vllm_kunlun.distributed import COMMUNICATOR_PATH
 from vllm_kunlun.distributed.communicator import KunlunCommunicator
-from vllm_kunlun.worker.host_cores import core_shares, share_host_cores
+from vllm_kunlun.worker.host_cores import (
+    core_shares,
+    share_host_cores,
+    use_the_cpu_backends_thread_count,
+)
 
 WORLD = 2
 
@@ -343,3 +347,19 @@ def test_host_cores_are_shared_between_emulated_xpus(monkeypatch):
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "auto")
     share_host_cores(8)  # more workers than cores: no binding rather than a failure
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
+
+
+def test_a_worker_in_the_engine_process_takes_the_cpu_backends_thread_count(monkeypatch):
+    """All cores but one (vLLM's CPU backend keeps one for the scheduler), at least one; the
+    user's OMP_NUM_THREADS stands."""
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        for cores, threads in (({0, 1, 2, 3}, 3), ({0, 1}, 1), ({5}, 1)):
+            monkeypatch.setattr("os.sched_getaffinity", lambda pid, c=cores: c)
+            assert use_the_cpu_backends_thread_count() == threads == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5})
+        assert use_the_cpu_backends_thread_count() == torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -7,6 +7,8 @@ The plugin and the in-tree backend differ only in kernels (summation order, fp32
 their top-5 logprobs of the first 8 generated positions agree within LOGPROB_TOLERANCE.
 """
 
+import re
+
 import pytest
 
 from tests.engine import (
@@ -73,6 +75,8 @@ def check_model(model, tmp_path, plugin_ops: tuple[str, ...] = PLUGIN_OPS,
     env = emulation_env(stats_dir, **route_env(tmp_path))
     result = run_generation(model, PROMPTS, MAX_TOKENS, env=env, logprobs=TOP)
     assert result["platform"] == "EmulatedKunlunPlatform"
+    # One XPU: its worker runs in the engine process (vLLM's "uni" executor), as on a real XPU.
+    assert re.search(r"\(EngineCore pid=\d+\).*Worker 0 runs on emulated XPU 0", result["log"])
     assert_same_tokens(result["token_ids"], hf_greedy(model, PROMPTS, MAX_TOKENS))
     check_logprobs_against_in_tree(model, PROMPTS, result["logprobs"])
     counts = read_op_stats(stats_dir)

@@ -89,9 +89,12 @@ def test_client_disconnect_frees_its_kv_blocks_and_a_requested_stop_exits_0(tmp_
     assert server.process.returncode == 0, server.log_tail()
 
 
-@pytest.mark.parametrize("victim", ["VLLM::Worker", "VLLM::EngineCore"])
-def test_a_killed_engine_process_fails_requests_and_stops_the_server(victim, tmp_path):
-    server = LocalServer(SERVE, tmp_path / "server.log", startup_timeout_s=600)
+# One XPU's worker runs inside the engine process unless the multiprocessing executor (the one
+# for several XPUs) is asked for.
+@pytest.mark.parametrize("victim, executor", [("VLLM::Worker", "mp"), ("VLLM::EngineCore", "uni")])
+def test_a_killed_engine_process_fails_requests_and_stops_the_server(victim, executor, tmp_path):
+    command = [*SERVE, "--distributed-executor-backend", executor]
+    server = LocalServer(command, tmp_path / "server.log", startup_timeout_s=600)
     with server:
         errors: list[str] = []
         streaming = threading.Event()

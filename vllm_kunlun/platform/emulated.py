@@ -32,7 +32,15 @@ class EmulatedKunlunPlatform(KunlunPlatformBase, CpuPlatform):
 
     @classmethod
     def check_and_update_config(cls, vllm_config: "VllmConfig") -> None:
+        parallel_config = vllm_config.parallel_config
+        chosen_executor = parallel_config.distributed_executor_backend
         super().check_and_update_config(vllm_config)
+        if chosen_executor == "uni":
+            # CpuPlatform moves a one-worker engine to the multiprocessing executor so that it
+            # can bind OpenMP threads in a fresh worker process. A Kunlun XPU runs one worker
+            # in the engine process (vLLM's default), and so does the emulated one: the same
+            # process layout, and one interpreter fewer to start.
+            parallel_config.distributed_executor_backend = "uni"
         cls._check_kunlun_config(vllm_config)
         if vllm_config.parallel_config.distributed_executor_backend == "mp":
             from vllm_kunlun.worker.host_cores import share_host_cores

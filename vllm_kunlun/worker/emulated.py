@@ -27,6 +27,7 @@ from vllm_kunlun.worker import (
     global_rank,
     on_worker_start,
 )
+from vllm_kunlun.worker.host_cores import use_the_cpu_backends_thread_count
 
 logger = get_logger("worker")
 GiB = 1 << 30
@@ -61,6 +62,8 @@ class EmulatedKunlunWorker(OpStatsMixin, CPUWorker):
         Worker.__init__(self, vllm_config, local_rank, rank, distributed_init_method,
                         is_driver_worker=is_driver_worker)  # fmt: skip
         self.parallel_config.disable_custom_all_reduce = True
+        if self.parallel_config.distributed_executor_backend == "uni":
+            use_the_cpu_backends_thread_count()
         self.device_index = self._bind_device()
         on_worker_start(rank=global_rank(self.parallel_config, self.rank))
 

@@ -6,6 +6,10 @@ and refuses more workers than NUMA nodes, so `--tensor-parallel-size 2` on an or
 single-node machine would fail. For emulated XPUs the plugin then splits the allowed cores
 into one contiguous share per worker instead ("0|1" on two cores), unless the user chose a
 binding.
+
+A single emulated XPU's worker runs inside the engine process instead (EmulatedKunlunPlatform
+keeps vLLM's "uni" executor), where nothing binds it: it takes the thread count vLLM's CPU
+backend would give its worker process.
 """
 
 import os
@@ -55,3 +59,19 @@ def share_host_cores(local_workers: int) -> None:
         "%d emulated XPUs share %d host core(s): %s=%s.",
         local_workers, len(cores), BIND_VAR, binding,
     )  # fmt: skip
+
+
+def use_the_cpu_backends_thread_count() -> int:
+    """Compute with the thread count vLLM's CPU backend gives its one worker process: the
+    host's cores but one, kept for the scheduler, so the plugin and the in-tree backend are
+    benchmarked like with like. An OMP_NUM_THREADS set by the user wins, as in vLLM. Call it
+    before CPUWorker.init_device, which disables torch.set_num_threads. Returns the count."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    threads = max(1, len(os.sched_getaffinity(0)) - 1)
+    if torch.get_num_threads() != threads:
+        logger.info("The emulated XPU computes with %d host thread(s).", threads)
+        torch.set_num_threads(threads)
+    return threads
