@@ -68,7 +68,7 @@ def use_the_cpu_backends_thread_count() -> int:
     before CPUWorker.init_device, which disables torch.set_num_threads. Returns the count."""
     import torch
 
-    if os.environ.get("OMP_NUM_THREADS"):
+    if "OMP_NUM_THREADS" in os.environ:  # vLLM's CPU backend honours it too
         return torch.get_num_threads()
     threads = max(1, len(os.sched_getaffinity(0)) - 1)
     if torch.get_num_threads() != threads:
