@@ -29,8 +29,7 @@ gate/up/down_proj after `post_attention_layernorm`, whose norms multiply by thei
 unscaled (its norm also feeds the router). Other layouts are refused.
 """
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -113,8 +112,7 @@ def search_clip(x: torch.Tensor, weight: torch.Tensor, group_size: int,
     n, k = weight.shape
     x_groups = x[::SEARCH_TOKEN_STRIDE].reshape(-1, k // group_size, group_size)
     w_groups = weight.reshape(n, k // group_size, group_size)
-    best = weight
-    best_error = None
+    best, best_error = weight, None
     for step in range(int(CLIP_STEPS * (1 - MIN_CLIP)) + 1):
         ratio = torch.full((n, k // group_size, 1), 1 - step / CLIP_STEPS)
         clipped = clip_groups(weight, group_size, ratio, symmetric)
@@ -129,34 +127,6 @@ def search_clip(x: torch.Tensor, weight: torch.Tensor, group_size: int,
         best = torch.where(better, clipped, best)
         best_error = torch.minimum(error, best_error)
     return best
-
-
-class InputRecorder:
-    """Forward pre-hooks keeping the inputs [tokens, K] (float32) of the named Linears."""
-
-    def __init__(self, model: torch.nn.Module, names: Iterable[str]):
-        self._model, self._names = model, set(names)
-        self.inputs: dict[str, list[torch.Tensor]] = {}
-        self._handles: list = []
-
-    def _hook(self, name: str):
-        def hook(_module, args):
-            x = args[0].detach()
-            self.inputs.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).float())
-
-        return hook
-
-    @contextmanager
-    def recording(self) -> Iterator[dict[str, list[torch.Tensor]]]:
-        for name, module in self._model.named_modules():
-            if name in self._names:
-                self._handles.append(module.register_forward_pre_hook(self._hook(name)))
-        try:
-            yield self.inputs
-        finally:
-            for handle in self._handles:
-                handle.remove()
-            self._handles.clear()
 
 
 def _layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -193,15 +163,28 @@ def _dense_mlp(layer: torch.nn.Module) -> torch.nn.Module | None:
 
 def record_inputs(model: torch.nn.Module, chunks: Iterable[list[int]]) -> dict[str, torch.Tensor]:
     """The inputs [tokens, K] (float32) of every decoder-layer Linear over the token chunks."""
-    linears = {name for name, m in model.named_modules()
+    recorded: dict[str, list[torch.Tensor]] = {}
+
+    def recorder(name: str):
+        def hook(_module, args):
+            x = args[0].detach()
+            recorded.setdefault(name, []).append(x.reshape(-1, x.shape[-1]).float())
+
+        return hook
+
+    linears = {name: m for name, m in model.named_modules()
                if isinstance(m, torch.nn.Linear) and name.startswith("model.layers.")}  # fmt: skip
-    recorder = InputRecorder(model, linears)
-    with recorder.recording() as recorded, torch.no_grad():
-        for chunk in chunks:
-            # The decoder only: the LM head's logits are not needed (and cost most on a tiny
-            # model with a large vocabulary).
-            model.model(torch.tensor([chunk]), use_cache=False)
-    unreached = sorted(linears - recorded.keys())
+    handles = [m.register_forward_pre_hook(recorder(name)) for name, m in linears.items()]
+    try:
+        with torch.no_grad():
+            for chunk in chunks:
+                # The decoder only: the LM head's logits are not needed (and cost most on a
+                # tiny model with a large vocabulary).
+                model.model(torch.tensor([chunk]), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    unreached = sorted(linears.keys() - recorded.keys())
     if unreached:
         raise RuntimeError(f"no calibration input reached {', '.join(unreached)}")
     return {name: torch.cat(parts) for name, parts in recorded.items()}

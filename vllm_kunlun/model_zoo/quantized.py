@@ -223,17 +223,24 @@ def _gptq_weights(module, args, hessian) -> None:
         raise RuntimeError("GPTQ's weights do not round back to its integers")
 
 
-def _hessians(model, source: Path, names) -> dict:
-    """GPTQ's input Hessians of the named Linears over the calibration text (one pass of
-    the float model)."""
+def _calibration_chunks(source: Path, purpose: str) -> list[list[int]]:
+    """The calibration text in the source model's tokens, announcing what it is used for."""
     from transformers import AutoTokenizer
 
     from vllm_kunlun.model_zoo.calibration import calibration_chunks
-    from vllm_kunlun.model_zoo.gptq import collect_hessians
 
     chunks = calibration_chunks(AutoTokenizer.from_pretrained(source))
     tokens = sum(len(chunk) for chunk in chunks)
-    _say(f"collecting input Hessians on {tokens} calibration tokens ({len(chunks)} chunks) ...")
+    _say(f"{purpose} on {tokens} calibration tokens ({len(chunks)} chunks) ...")
+    return chunks
+
+
+def _hessians(model, source: Path, names) -> dict:
+    """GPTQ's input Hessians of the named Linears over the calibration text (one pass of
+    the float model)."""
+    from vllm_kunlun.model_zoo.gptq import collect_hessians
+
+    chunks = _calibration_chunks(source, "collecting input Hessians")
     return collect_hessians(model, chunks, names)
 
 
@@ -548,7 +555,7 @@ def _weights_method(gptq: bool, activation_aware: bool) -> str:
     return "gptq" if gptq else "activation-aware" if activation_aware else "round to nearest"
 
 
-def _check_gptq(scheme: str, gptq: bool, activation_aware: bool = False) -> None:
+def _check_weights_method(scheme: str, gptq: bool, activation_aware: bool) -> None:
     if gptq and activation_aware:
         raise ValueError("choose one of GPTQ and activation-aware scaling, not both")
     if gptq and not _grouped(scheme):
@@ -568,14 +575,9 @@ def _symmetric(scheme: str) -> bool:
 
 def _activation_aware(model, source: Path, scheme: str, group_size: int) -> None:
     """Scale and clip the float model's Linears in place (model_zoo.activation_aware)."""
-    from transformers import AutoTokenizer
-
     from vllm_kunlun.model_zoo import activation_aware
-    from vllm_kunlun.model_zoo.calibration import calibration_chunks
 
-    chunks = calibration_chunks(AutoTokenizer.from_pretrained(source))
-    tokens = sum(len(chunk) for chunk in chunks)
-    _say(f"searching activation-aware scales and clips on {tokens} calibration tokens ...")
+    chunks = _calibration_chunks(source, "searching activation-aware scales and clips")
     started = time.monotonic()
     searched = activation_aware.apply(model, chunks, group_size, _symmetric(scheme))
     alphas = sorted(searched.alphas.values())
@@ -880,7 +882,7 @@ def make_quantized_checkpoint(
     (model_zoo.activation_aware), then round to nearest."""
     source, target = Path(source), Path(target)
     _check_scheme(scheme)
-    _check_gptq(scheme, gptq, activation_aware)
+    _check_weights_method(scheme, gptq, activation_aware)
     _check_source(source)
     _refuse_for_moe(source, scheme)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -926,7 +928,7 @@ def quantized_checkpoint(
     activation-aware copy has a folder of its own (suffix "-gptq", "-activation-aware")."""
     source, cache_root = Path(source), Path(cache_root)
     _check_scheme(scheme)
-    _check_gptq(scheme, gptq, activation_aware)
+    _check_weights_method(scheme, gptq, activation_aware)
     digest = hashlib.sha256(str(source.resolve()).encode()).hexdigest()[:10]
     method = f"-{_weights_method(gptq, activation_aware)}" if gptq or activation_aware else ""
     target = cache_root / f"{source.name}-{scheme}{method}-{digest}"

@@ -42,7 +42,7 @@ class EmulatedKunlunPlatform(KunlunPlatformBase, CpuPlatform):
             # process layout, and one interpreter fewer to start.
             parallel_config.distributed_executor_backend = "uni"
         cls._check_kunlun_config(vllm_config)
-        if vllm_config.parallel_config.distributed_executor_backend == "mp":
+        if parallel_config.distributed_executor_backend == "mp":
             from vllm_kunlun.worker.host_cores import share_host_cores
 
-            share_host_cores(vllm_config.parallel_config.local_world_size)
+            share_host_cores(parallel_config.local_world_size)
