@@ -83,8 +83,9 @@ _EXPERT_WEIGHT = re.compile(
 )
 #: Position of each projection name: gate (w1), up (w3), down (w2).
 _EXPERT_PROJECTIONS = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1, "down_proj": 2, "w2": 2}
-#: Saved name -> transformers 5 module name, outside the experts (Mixtral's router).
-_RENAMED = {".block_sparse_moe.": ".mlp."}
+#: Saved name -> transformers 5 module name, outside the experts (Mixtral's router; ERNIE-4.5
+#: MoE's correction bias, which transformers' checkpoint conversion also moves into the gate).
+_RENAMED = {".block_sparse_moe.": ".mlp.", ".mlp.moe_statics.": ".mlp.gate.moe_statics."}
 
 
 class ExpertLoop:

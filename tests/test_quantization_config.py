@@ -142,12 +142,22 @@ def test_weight_only_checkpoints_the_plugin_cannot_run_are_refused(method, quant
 
 @pytest.mark.parametrize(
     ("method", "quant_config"),
-    [(CT, w4a16()), ("kunlun_gptq", GPTQ), ("kunlun_awq", AWQ)],
-    ids=["w4a16", "gptq", "awq"],
+    [("kunlun_gptq", GPTQ), ("kunlun_awq", AWQ)],
+    ids=["gptq", "awq"],
 )
-def test_weight_only_moe_models_are_refused(method, quant_config):
+def test_gptq_and_awq_moe_models_are_refused(method, quant_config):
     moe = types.SimpleNamespace(**vars(SMALL), num_experts=8)
     assert "MoE model: its experts" in refusal(method, quant_config, moe)
+
+
+def test_weight_only_moe_models_pass_the_weight_only_checks():
+    """compressed-tensors W4A16 MoE runs (moe_experts_wna16); its groups are checked as a dense
+    model's, the experts' input size (moe_intermediate_size) included."""
+    moe = types.SimpleNamespace(**vars(SMALL), num_experts=8, moe_intermediate_size=64)
+    check_quantization(CT, w4a16(), moe)
+    assert "8 bits" in refusal(CT, w4a16(INT4 | {"num_bits": 8}), moe)
+    narrow = types.SimpleNamespace(**vars(moe) | {"moe_intermediate_size": 48})
+    assert "moe_intermediate_size (48) is not a multiple of it" in refusal(CT, w4a16(), narrow)
 
 
 def test_a_quantized_moe_model_needs_per_channel_weights_and_dynamic_activations():

@@ -160,7 +160,7 @@ def test_registration_puts_the_kernel_in_vllms_oot_int8_list_once():
     from vllm.platforms import PlatformEnum
 
     import vllm_kunlun.quantization as quantization
-    from vllm_kunlun.quantization.moe_w8a8 import KunlunRoutedExperts
+    from vllm_kunlun.quantization.routed_experts import KunlunRoutedExperts
 
     saved = {k: list(v) for k, v in linear._POSSIBLE_INT8_KERNELS.items()}
     saved_layers = dict(custom_op.op_registry_oot)

@@ -163,23 +163,39 @@ def test_weight_only_4bit_prompt_logprobs_match_in_tree(scheme, quantized_model,
     assert max(gaps) <= WNA16_BF16_LOGPROB_TOLERANCE, max(gaps)
 
 
-def test_w8a8_moe_matches_fake_quantized_transformers(quantized_model, tmp_path):
-    """Qwen3-MoE with W8A8 int8 experts (and attention): vLLM's int8 MoE backends need AMX (absent
-    here) or CUDA, so only transformers is the reference; the experts run `moe_experts_w8a8`."""
-    model = quantized_model("qwen3-moe", "w8a8-dynamic")
+@pytest.mark.parametrize(
+    ("arch", "scheme", "op", "method"),
+    [
+        ("qwen3-moe", "w8a8-dynamic", "moe_experts_w8a8", "KunlunW8A8Int8MoEMethod"),
+        # Weight-only 4-bit experts: symmetric on Qwen3-MoE, with zero points on Mixtral
+        # (w1 / w3 / w2 expert names).
+        ("qwen3-moe", "w4a16", "moe_experts_wna16", "KunlunWNA16MoEMethod"),
+        ("mixtral", "w4a16-asym", "moe_experts_wna16", "KunlunWNA16MoEMethod"),
+        # Grouped sigmoid routing with a correction bias and a shared expert (GLM-4.5), and
+        # biased softmax routing (ERNIE-4.5): the routing op is moe_grouped_topk.
+        ("glm4-moe", "w8a8-dynamic", "moe_experts_w8a8", "KunlunW8A8Int8MoEMethod"),
+        ("ernie-moe", "w4a16", "moe_experts_wna16", "KunlunWNA16MoEMethod"),
+    ],
+)
+def test_quantized_moe_matches_fake_quantized_transformers(
+    arch, scheme, op, method, quantized_model, tmp_path
+):
+    """MoE models with quantized experts (and attention): vLLM's int8 and wNa16 MoE backends need
+    AMX (absent here) or CUDA, so only transformers is the reference (fake-quantized activations
+    for W8A8, the dequantized weights for W4A16); the experts run the plugin's quantized op."""
+    model = quantized_model(arch, scheme)
     stats_dir = tmp_path / "ops"
     env = emulation_env(stats_dir, **route_env(tmp_path))
     result = run_generation(model, PROMPTS, MAX_TOKENS, env=env)
     assert_same_tokens_up_to_near_ties(result["token_ids"], model)
     counts = read_op_stats(stats_dir)
-    assert counts.get("moe_experts_w8a8", 0) > 0 and counts.get("moe_experts", 0) == 0, counts
+    assert counts.get(op, 0) > 0 and counts.get("moe_experts", 0) == 0, counts
     assert_only_plugin_ops_and_listed_native_layers(tmp_path, result["log"], counts)
     (report,) = routes.read_reports(tmp_path / "routes")
     assert report.route_of("KunlunRoutedExperts") == {routes.PLUGIN_OP}
     (experts,) = [row for row in report.rows if row.layer_type == "KunlunRoutedExperts"]
-    assert "KunlunW8A8Int8MoEMethod -> kunlun.moe_softmax_topk, kunlun.moe_experts_w8a8" in (
-        experts.detail
-    )
+    routing = "moe_softmax_topk" if arch in ("qwen3-moe", "mixtral") else "moe_grouped_topk"
+    assert f"{method} -> kunlun.{routing}, kunlun.{op}" in experts.detail
 
 
 def copy_with(model, tmp_path, *, config_update=None, drop_tensor=None):

@@ -227,6 +227,22 @@ def op_samples() -> dict[str, tuple]:
             "silu",
             False,
         ),  # fmt: skip
+        # the same with packed int4 experts: w13 [4, 32, 48 / 8] in 2 groups, w2 [4, 24, 32 / 8]
+        # in 1, scales in another dtype than x, an expert map (global expert 1 on another rank)
+        "moe_experts_wna16": (
+            torch.randn(3, 32),
+            pack_int4(torch.randint(0, 16, (4, 32, 48))),
+            (torch.rand(4, 2, 48) * 0.05 + 0.01).to(torch.bfloat16),
+            pack_int4(torch.randint(0, 16, (4, 2, 48))),
+            pack_int4(torch.randint(0, 16, (4, 24, 32))),
+            (torch.rand(4, 1, 32) * 0.05 + 0.01).to(torch.bfloat16),
+            pack_int4(torch.randint(0, 16, (4, 1, 32))),
+            torch.rand(3, 2),
+            torch.tensor([[0, 3], [1, 0], [2, 3]], dtype=torch.int32),
+            torch.tensor([3, -1, 0, 1], dtype=torch.int32),
+            "silu",
+            False,
+        ),  # fmt: skip
         "int8_quant_per_token": (torch.randn(2, 3, 40),),
         "int8_quant_static": (
             torch.randn(3, 40),
@@ -276,6 +292,7 @@ OPCHECK_CASES = [
     "moe_grouped_topk",
     "moe_experts",
     "moe_experts_w8a8",
+    "moe_experts_wna16",
     "int8_quant_per_token",
     "int8_quant_static",
     "int8_scaled_mm",

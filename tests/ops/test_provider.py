@@ -48,7 +48,7 @@ def test_the_compiled_provider_runs_the_fast_kernels_where_they_exist():
     compiled = Provider("compiled")
     fast = {op for op, source in compiled.sources.items() if source.endswith(".compiled")}
     assert fast == {"rms_norm", "fused_add_rms_norm", "rotary_embedding", "reshape_and_cache",
-                    "decode_attention", "moe_experts", "moe_experts_w8a8",
+                    "decode_attention", "moe_experts", "moe_experts_w8a8", "moe_experts_wna16",
                     "int8_scaled_mm", "wna16_gemm", "wna16_dequant"}  # fmt: skip
     for op in set(declared_ops()) - fast:  # the rest is the reference, the emulated kernel
         assert compiled.kernel(op) is Provider("reference").kernel(op)

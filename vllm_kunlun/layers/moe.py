@@ -79,6 +79,11 @@ class KunlunMonolithicMoE:
     def supports_eplb(self) -> bool:
         return False
 
+    def create_weights(self, layer, *args, **kwargs) -> None:
+        """vLLM's method creates the weights; what the layer asks for is recorded."""
+        super().create_weights(layer, *args, **kwargs)
+        self.record_layer(layer)
+
     def record_layer(self, layer) -> None:
         self.refusal = refusal_for(layer, self.moe)
         self.groups = routing_groups(layer)
@@ -126,10 +131,6 @@ class KunlunUnquantizedFusedMoEMethod(KunlunMonolithicMoE, UnquantizedFusedMoEMe
     def __init__(self, moe: FusedMoEConfig):
         refuse_eplb(moe)
         super().__init__(moe)  # on a Kunlun platform the oracle picks no vLLM kernel (OOT)
-
-    def create_weights(self, layer, *args, **kwargs) -> None:
-        super().create_weights(layer, *args, **kwargs)
-        self.record_layer(layer)
 
     def process_weights_after_loading(self, layer) -> None:
         """Nothing to convert: the moe ops read vLLM's weight layout as loaded.

@@ -3,7 +3,9 @@
 - `int8_linear`: compressed-tensors W8A8 int8 linear layers (vLLM's int8 kernel list, OOT).
 - `wna16_linear`: weight-only 4-bit linear layers (vLLM's mixed-precision kernel list, OOT):
   compressed-tensors W4A16, and GPTQ / AWQ through `gptq_awq`'s configs.
-- `moe_w8a8`: compressed-tensors W8A8 int8 MoE experts (vLLM's RoutedExperts, replaced).
+- `routed_experts`: vLLM's RoutedExperts, replaced by the plugin's, which picks the plugin's
+  quantized MoE methods: `moe_w8a8` (compressed-tensors W8A8 int8 experts) and `moe_wna16`
+  (compressed-tensors weight-only 4-bit experts).
 - `checkpoint_config`: refusing at start-up what the plugin cannot run, naming the option.
 
 `register_quantization` runs in every process (vllm_kunlun.register_ops).
@@ -56,11 +58,11 @@ def register_gptq_awq() -> None:
 
 
 def register_routed_experts() -> None:
-    """vLLM's RoutedExperts layer replaced by the plugin's, which picks the plugin's W8A8 MoE
-    method (safe to call more than once)."""
+    """vLLM's RoutedExperts layer replaced by the plugin's, which picks the plugin's quantized
+    MoE methods (safe to call more than once)."""
     from vllm.model_executor.custom_op import PluggableLayer, op_registry_oot
 
-    from vllm_kunlun.quantization.moe_w8a8 import KunlunRoutedExperts
+    from vllm_kunlun.quantization.routed_experts import KunlunRoutedExperts
 
     if op_registry_oot.get("RoutedExperts") is not KunlunRoutedExperts:
         PluggableLayer.register_oot(_decorated_layer_cls=KunlunRoutedExperts, name="RoutedExperts")

@@ -18,9 +18,9 @@ SUPPORTED_FORMATS = ("int-quantized", "pack-quantized")
 SUPPORTED = (
     "compressed-tensors W8A8 int8 (format int-quantized: int8 symmetric weights per channel or "
     "per tensor, int8 activations dynamic per token and symmetric, or static per tensor; MoE "
-    "experts per channel with dynamic activations), and for dense models weight-only 4-bit: "
-    "compressed-tensors W4A16 (format pack-quantized, per group or channel), GPTQ (4-bit, "
-    "symmetric, desc_act false) and AWQ (4-bit, version gemm); make one with "
+    "experts per channel with dynamic activations), compressed-tensors W4A16 (format "
+    "pack-quantized: 4-bit weights per group or channel, dense and MoE), and for dense models "
+    "GPTQ (4-bit, symmetric, desc_act false) and AWQ (4-bit, version gemm); make one with "
     "`vllm-kunlun quantize` (docs/quantization.md)"
 )
 #: GPTQ / AWQ names the checkpoint's quant_method has, by the plugin's method name.
@@ -163,13 +163,11 @@ def check_compressed_tensors(config: Mapping[str, Any], hf_config: object = None
     moe = hf_config is not None and _is_moe(hf_config)
     for name, group in groups.items():
         if fmt == "pack-quantized":
-            if moe:
-                raise refuse("a weight-only (pack-quantized) MoE model: its experts")
             _check_weight_only(name, group, hf_config)
             continue
         _check_weights(name, group.get("weights"))
         _check_activations(name, group.get("input_activations"))
-    if moe:
+    if moe and fmt == "int-quantized":
         _check_moe(groups)
 
 

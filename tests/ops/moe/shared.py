@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tests.ops.quant.shared import round_half_even
+from tests.ops.quant.shared import plain_dequant, plain_pack, round_half_even
 
 #: (atol, rtol) against max |expected|: GEMMs in the activation dtype round a few times.
 EXPERT_TOLERANCE = {
@@ -264,3 +264,118 @@ def assert_w8a8_within(got: torch.Tensor, want: torch.Tensor, step: torch.Tensor
     )
     stepped = int((error > base).any(dim=-1).sum())
     assert stepped <= max(1, got.shape[0] // 10), f"{stepped} tokens needed the step"
+
+
+# Weight-only int4 (wNa16) experts --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Int4ExpertsShape(ExpertsShape):
+    groups: tuple[int, int] = (1, 1)  # (G13, G2): groups along H (w13's rows), along I (w2's)
+    zero_points: str = "random"  # or "symmetric" (8)
+    strided_weights: bool = False  # column slices of packed tensors twice as wide
+
+
+WNA16_SHAPES = [
+    Int4ExpertsShape("1 token, one group", 1, 4, 2, 64, 32),
+    Int4ExpertsShape("tokens < experts", 3, 16, 2, 64, 48, groups=(2, 3)),
+    Int4ExpertsShape("top_k = experts", 5, 4, 4, 32, 16, groups=(4, 2)),
+    Int4ExpertsShape("idle experts, 8 and 4 groups", 9, 8, 2, 64, 32, idle=(1, 6), groups=(8, 4)),
+    Int4ExpertsShape("strided x", 6, 8, 2, 64, 32, strided=True, groups=(2, 2)),
+    Int4ExpertsShape("H 72, I 20", 7, 6, 3, 72, 20, groups=(3, 5)),
+    Int4ExpertsShape("expert map", 8, 4, 3, 64, 32, local_ids=(2, 3, 7, 8), groups=(2, 1)),
+    Int4ExpertsShape("gelu", 5, 6, 2, 48, 24, activation="gelu", groups=(3, 3)),
+    Int4ExpertsShape("gelu_tanh", 5, 6, 2, 48, 24, activation="gelu_tanh", groups=(1, 2)),
+    Int4ExpertsShape("weight on input", 6, 5, 1, 64, 32, on_input=True, groups=(2, 1)),
+    Int4ExpertsShape("a token of zeros", 5, 6, 2, 64, 32, zero_row=2),
+    Int4ExpertsShape(
+        "symmetric, H 40, I 12", 4, 4, 2, 40, 12, groups=(5, 3), zero_points="symmetric"
+    ),
+    Int4ExpertsShape(
+        "groups of one row, strided weights", 3, 3, 2, 16, 8, groups=(16, 8), strided_weights=True
+    ),
+]
+
+
+def int4_expert_weights(experts: int, depth: int, channels: int, groups: int,
+                        dtype: torch.dtype, zero_points: str = "random",
+                        strided: bool = False):  # fmt: skip
+    """(packed int32 [E, K, N / 8], scales [E, G, N] in dtype, zeros int32 [E, G, N / 8]), packed
+    with the quant tests' plain packing: random 4-bit values, random (or symmetric, 8) zero
+    points, dequantized entries of a standard deviation of about K^-0.5 (|q - z| is about 5.5 on
+    average with random zero points), like the float tests' weights."""
+    width = 2 * channels if strided else channels
+    q = torch.randint(0, 16, (experts, depth, width))
+    if zero_points == "symmetric":
+        z = torch.full((experts, groups, width), 8)
+    else:
+        z = torch.randint(0, 16, (experts, groups, width))
+    scales = ((torch.rand(experts, groups, width) + 0.5) * depth**-0.5 / 6).to(dtype)
+    packed = plain_pack(q.reshape(-1, width)).view(experts, depth, width // 8)
+    zeros = plain_pack(z.reshape(-1, width)).view(experts, groups, width // 8)
+    if strided:
+        words = channels // 8
+        return packed[..., words:], scales[..., channels:], zeros[..., words:]
+    return packed, scales, zeros
+
+
+def experts_wna16_inputs(shape: Int4ExpertsShape, dtype: torch.dtype) -> tuple:
+    """moe_experts_wna16's arguments: x, w13_packed, w13_scales, w13_zeros, w2_packed, w2_scales,
+    w2_zeros, then the routing (weights fp32, ids int32, expert_map, activation, flag)."""
+    x, _, _, *routing = experts_inputs(shape, dtype)
+    options = {"zero_points": shape.zero_points, "strided": shape.strided_weights}
+    groups13, groups2 = shape.groups
+    w13 = int4_expert_weights(shape.experts, shape.hidden, 2 * shape.inter, groups13, dtype,
+                              **options)  # fmt: skip
+    w2 = int4_expert_weights(shape.experts, shape.inter, shape.hidden, groups2, dtype, **options)
+    return (x, *w13, *w2, *routing)
+
+
+def plain_dequantized_experts(packed, scales, zeros, dtype: torch.dtype) -> torch.Tensor:
+    """float64 [E, K, N]: each expert's W = (q - z) * s by the quant tests' plain formula, rounded
+    to dtype (as the op rounds W to x's dtype before its GEMM)."""
+    return torch.stack([plain_dequant(packed[e], scales[e], zeros[e]).to(dtype).double()
+                        for e in range(packed.shape[0])])  # fmt: skip
+
+
+def plain_moe_experts_wna16(x, w13_packed, w13_scales, w13_zeros, w2_packed, w2_scales,
+                            w2_zeros, topk_weights, topk_ids, expert_map, activation,
+                            on_input):  # fmt: skip
+    """Token by token, slot by slot, in float64: the expert's W13 [H, 2I] and W2 [I, H] from the
+    plain int4 formula (tests/ops/quant/shared.py: unpacked nibble by nibble, (q - z) * s exact in
+    float64) and rounded to x's dtype, as the op specifies (wna16_gemm rounds W to x's dtype
+    before the GEMM); gate/up = x_t W13 rounded to x's dtype, the gated activation rounded to
+    x's dtype, y = a W2 rounded to x's dtype (each GEMM rounds once), and the weighted sum."""
+    tokens, hidden = x.shape
+    inter = w2_packed.shape[1]
+    weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def expert_weights(expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if expert not in weights:
+            # W rounded to x's dtype first: the op's GEMM runs on W in the activation dtype.
+            w13 = plain_dequant(w13_packed[expert], w13_scales[expert], w13_zeros[expert])
+            w2 = plain_dequant(w2_packed[expert], w2_scales[expert], w2_zeros[expert])
+            weights[expert] = (w13.to(x.dtype).double(), w2.to(x.dtype).double())
+        return weights[expert]
+
+    out = torch.zeros(tokens, hidden, dtype=torch.float64)
+    for t in range(tokens):
+        for j in range(topk_ids.shape[1]):
+            expert = int(topk_ids[t, j])
+            if expert_map is not None:
+                expert = int(expert_map[expert])
+                if expert < 0:
+                    continue
+            weight = float(topk_weights[t, j])
+            row = x[t]
+            if on_input:
+                row, weight = row * topk_weights[t, j].to(x.dtype), 1.0
+            w13, w2 = expert_weights(expert)
+            gate_up = (row.double() @ w13).to(x.dtype).double()  # [2I]: gate, then up
+            a = torch.tensor(
+                [_act(float(gate_up[i]), activation) * float(gate_up[inter + i])
+                 for i in range(inter)], dtype=torch.float64,
+            ).to(x.dtype).double()  # fmt: skip
+            y = (a @ w2).to(x.dtype).double()
+            out[t] += weight * y
+    return out

@@ -9,14 +9,19 @@ import torch
 
 from tests.ops.helpers import DTYPES, standin_calls
 from tests.ops.moe.shared import (
+    EXPERT_TOLERANCE,
     SHAPES,
     W8A8_SHAPES,
+    WNA16_SHAPES,
     ExpertsShape,
+    Int4ExpertsShape,
     assert_w8a8_within,
     assert_within,
     distinct_logits,
     experts_inputs,
     experts_w8a8_inputs,
+    experts_wna16_inputs,
+    plain_dequantized_experts,
     plain_moe_experts_w8a8,
 )
 from vllm_kunlun.ops.moe import kunlun as moe_kunlun
@@ -27,6 +32,7 @@ from vllm_kunlun.ops.quant import reference as quant_reference
 EXPERT_CALLS = {"gen_block_statistic": 1, "moe_pre_sorted": 1, "moe_fc": 2, "swiglu": 1,
                 "moe_post": 1}  # fmt: skip
 W8A8_CALLS = {**EXPERT_CALLS, "quant2d": 2}
+WNA16_CALLS = {**EXPERT_CALLS, "awq_dequantize": 2}
 
 
 def assert_same_routing(got, want) -> None:
@@ -393,3 +399,168 @@ def test_standin_quantized_moe_fc_checks_its_contract(use_standin):
     floating = {**fc, "x": torch.randn(8, 16), "weight": w.float(), "y": torch.empty(4, 2, 6)}
     with pytest.raises(AssertionError, match="x_perchannel_max is not modeled"):
         ops.moe_fc(**floating)  # the float form takes no per-channel max
+
+
+# Weight-only int4 (wNa16) experts ----------------------------------------------------------------
+
+
+def assert_wna16_within(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    """awq_dequantize writes fp16 weights only: float32 activations see fp16's weight precision
+    (2^-11 relative), judged against the largest output like check-kernels' wNa16 cases (rtol
+    1e-3); the 16-bit dtypes within the experts' usual tolerance."""
+    atol, rtol = (1e-5, 1e-3) if dtype == torch.float32 else EXPERT_TOLERANCE[dtype]
+    assert got.shape == want.shape
+    error = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
+    scale = want.double().abs().max().item() if want.numel() else 0.0
+    assert error <= atol + rtol * scale, f"max error {error:.3g}, scale {scale:.3g}"
+
+
+def test_moe_experts_wna16_is_bound(kunlun):
+    assert kunlun.sources["moe_experts_wna16"] == "moe.kunlun"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", WNA16_SHAPES, ids=str)
+def test_moe_experts_wna16(kunlun, dtype, shape):
+    """The experts dequantized (awq_dequantize, once per weight), then the recorded float path."""
+    args = experts_wna16_inputs(shape, dtype)
+    before = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    got = kunlun.moe_experts_wna16(*args)
+    assert got.dtype == dtype and got.shape == args[0].shape and got.is_contiguous()
+    assert_wna16_within(got, reference.moe_experts_wna16(*args), dtype)
+    calls = dict(WNA16_CALLS)
+    if shape.activation != "silu":
+        del calls["swiglu"]  # gelu: PyTorch between the two moe_fc calls
+    assert standin_calls() == calls
+    for arg, kept in zip(args, before, strict=True):
+        if isinstance(arg, torch.Tensor):
+            assert torch.equal(arg, kept), "an input was modified"
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype"),
+    [(WNA16_SHAPES[1], torch.float16), (WNA16_SHAPES[-1], torch.bfloat16)],
+    ids=["fp16, 2 and 3 groups", "bf16, strided weights, groups of one row"],
+)
+def test_moe_experts_wna16_dequantizes_all_experts_at_once_for_moe_fc(
+    kunlun, monkeypatch, shape, dtype
+):
+    """One awq_dequantize per weight over all experts stacked along K: w_packed [E·K, N / 8],
+    scales [E·G, N], zeros [E·G, N / 8], group_m = K / G (so row e·K + k falls in group
+    e·G + k // (K / G), that expert's own), into fp16 [E·K, N]; then moe_fc gets the float
+    weights in the activation dtype, [E, N, K] and contiguous: the plain dequantization of
+    each expert rounded to fp16 (the kernel's only weight dtype), then to the activation dtype."""
+    library = moe_kunlun.library()
+    seen: dict[str, list[dict]] = {"awq_dequantize": [], "moe_fc": []}
+
+    def spying(name):
+        kernel = getattr(library, name)
+
+        def spy(**kwargs):
+            seen[name].append({k: v.clone() if isinstance(v, torch.Tensor) else v
+                               for k, v in kwargs.items()})  # fmt: skip
+            kernel(**kwargs)
+            if name == "awq_dequantize":
+                seen[name][-1]["weight"] = kwargs["weight"].clone()  # what the kernel wrote
+
+        monkeypatch.setattr(library, name, spy)
+
+    spying("awq_dequantize")
+    spying("moe_fc")
+    args = experts_wna16_inputs(shape, dtype)
+    x, w13p, w13s, w13z, w2p, w2s, w2z = args[:7]
+    got = kunlun.moe_experts_wna16(*args)
+    assert_wna16_within(got, reference.moe_experts_wna16(*args), dtype)
+
+    experts, (groups13, groups2) = shape.experts, shape.groups
+    hidden, inter = shape.hidden, shape.inter
+    weights = ((w13p, w13s, w13z, hidden, groups13, 2 * inter),
+               (w2p, w2s, w2z, inter, groups2, hidden))  # fmt: skip
+    assert len(seen["awq_dequantize"]) == 2 and len(seen["moe_fc"]) == 2
+    for call, fc, (packed, scales, zeros, depth, groups, channels) in zip(
+        seen["awq_dequantize"], seen["moe_fc"], weights, strict=True
+    ):
+        assert call["group_m"] == depth // groups
+        assert (call["quant_type"], call["align_type"]) == (0, 0)
+        assert torch.equal(call["qweight"], packed.reshape(experts * depth, channels // 8))
+        assert torch.equal(call["scales"], scales.reshape(experts * groups, channels))
+        assert torch.equal(call["zeros"], zeros.reshape(experts * groups, channels // 8))
+        assert call["weight"].dtype == torch.float16
+        assert call["weight"].shape == (experts * depth, channels)
+        fp16 = plain_dequantized_experts(packed, scales, zeros, torch.float16)  # [E, K, N]
+        assert torch.equal(call["weight"].double(), fp16.reshape(experts * depth, channels))
+        weight = fc["weight"]
+        assert weight.dtype == dtype and weight.is_contiguous()
+        assert weight.shape == (experts, channels, depth)
+        assert torch.equal(weight, fp16.transpose(1, 2).to(dtype))
+        assert fc["x"].dtype == dtype and fc["y"].dtype == dtype
+        assert fc.get("act") is None and fc["moe_topk"] == shape.top_k
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scales_dtype"),
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.float16, torch.bfloat16),
+    ],
+)
+def test_moe_experts_wna16_scales_dtype_does_not_round_the_fp16_weight(
+    kunlun, monkeypatch, dtype, scales_dtype
+):
+    """Scales in any float dtype: the fp16 weight awq_dequantize writes is cast to the
+    activation dtype for moe_fc (the module docstring), not through the scales' dtype."""
+    library = moe_kunlun.library()
+    fc = library.moe_fc
+    weights = []
+
+    def spy(**kwargs):
+        weights.append(kwargs["weight"].clone())
+        return fc(**kwargs)
+
+    monkeypatch.setattr(library, "moe_fc", spy)
+    args = list(experts_wna16_inputs(WNA16_SHAPES[5], dtype))
+    args[2], args[5] = args[2].to(scales_dtype), args[5].to(scales_dtype)
+    got = kunlun.moe_experts_wna16(*args)
+    for weight, (packed, scales, zeros) in zip(weights, (args[1:4], args[4:7]), strict=True):
+        fp16 = plain_dequantized_experts(packed, scales, zeros, torch.float16)
+        assert torch.equal(weight, fp16.transpose(1, 2).to(dtype))
+    assert got.dtype == dtype
+    assert_wna16_within(got, reference.moe_experts_wna16(*args), dtype)
+
+
+def test_moe_experts_wna16_more_than_512_experts_run_the_reference(kunlun):
+    shape = Int4ExpertsShape("many", 4, 520, 2, 16, 8, groups=(2, 1))
+    args = experts_wna16_inputs(shape, torch.float32)
+    assert torch.equal(kunlun.moe_experts_wna16(*args), reference.moe_experts_wna16(*args))
+    assert standin_calls() == {}
+
+
+def test_moe_experts_wna16_zero_tokens_run_no_expert_kernel(kunlun):
+    """The weights are dequantized before the experts run (every call dequantizes every local
+    expert, ops/moe/kunlun.py), so awq_dequantize still runs; nothing else does."""
+    x, *weights, topk_weights, ids, expert_map, act, flag = experts_wna16_inputs(
+        WNA16_SHAPES[1], torch.bfloat16
+    )
+    out = kunlun.moe_experts_wna16(x[:0], *weights, topk_weights[:0], ids[:0], expert_map, act,
+                                   flag)  # fmt: skip
+    assert out.shape == (0, x.shape[1]) and out.dtype == torch.bfloat16
+    assert standin_calls() == {"awq_dequantize": 2}
+
+
+def test_moe_experts_wna16_refuses_what_the_reference_refuses(kunlun):
+    args = list(experts_wna16_inputs(WNA16_SHAPES[0], torch.float32))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        kunlun.moe_experts_wna16(*args[:10], "relu2", False)
+    x, w13p, w13s, w13z, *rest = args
+    with pytest.raises(ValueError, match="x has H = 72 features"):
+        kunlun.moe_experts_wna16(torch.randn(x.shape[0], 72), w13p, w13s, w13z, *rest)
+    with pytest.raises(ValueError, match="disagree on I"):
+        kunlun.moe_experts_wna16(x, w13p, w13s, w13z, args[4][:, :24], *args[5:])
+    groups3 = (w13s[:, :1].expand(-1, 3, -1), w13z[:, :1].expand(-1, 3, -1))
+    with pytest.raises(ValueError, match="is not a multiple of the number of groups G = 3"):
+        kunlun.moe_experts_wna16(x, w13p, *groups3, *rest)
+    assert standin_calls() == {}  # refused before any kernel
+    with pytest.raises(ValueError, match="needs top_k == 1"):
+        kunlun.moe_experts_wna16(*args[:10], "silu", True)

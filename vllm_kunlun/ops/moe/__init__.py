@@ -6,7 +6,10 @@ local index, -1 when the expert lives on another rank. Routing runs in float32 a
 (weights float32 [T, k], ids int32 [T, k]), contiguous, each row in descending order of the
 score experts are chosen by (ties: the lower expert id first). The W8A8 experts take int8
 weights in the same layout with their per-output-channel absmax (Kunlun's convention, see the
-quant family: scale = absmax / 127).
+quant family: scale = absmax / 127). The weight-only int4 experts (wNa16) take each expert's
+weights in the quant family's packed int4 layout (vllm_kunlun/ops/quant/int4_layout.py), input
+dimension first: w13 int32 [E, H, 2I / 8] and w2 int32 [E, I, H / 8], with group scales
+[E, G, N] and packed zero points [E, G, N / 8].
 
 Declarations only: the kernels are in reference.py (the specification, also the emulated
 device's kernel), compiled.py (the emulated device's fast experts) and kunlun.py (the Kunlun
@@ -100,3 +103,29 @@ def moe_experts_w8a8(
     [H, I]) and w2_absmax[e] (float32 [H]), rounded to x's dtype. Routing weights, expert map,
     apply_router_weight_on_input and the combine are moe_experts'. w13_absmax [E, 2I] and
     w2_absmax [E, H] are the per-output-channel absmax (checkpoint scale x 127)."""
+
+
+@kernel_op(fake=_experts_fake)
+def moe_experts_wna16(
+    hidden_states: torch.Tensor,
+    w13_packed: torch.Tensor,
+    w13_scales: torch.Tensor,
+    w13_zeros: torch.Tensor,
+    w2_packed: torch.Tensor,
+    w2_scales: torch.Tensor,
+    w2_zeros: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None,
+    activation: str,
+    apply_router_weight_on_input: bool,
+) -> torch.Tensor:
+    """Weight-only int4 experts (compressed-tensors W4A16 MoE): as moe_experts, with each
+    expert's MLP on its rows x [n, H]: h = wna16_gemm(x, w13_packed[e], w13_scales[e],
+    w13_zeros[e]) (the quant family's GEMM: W = (q - z) * s rounded to x's dtype, accumulated in
+    float32, rounded once), a = act(gate) * up (gated_activation), y = wna16_gemm(a,
+    w2_packed[e], w2_scales[e], w2_zeros[e]). w13_packed int32 [E, H, 2I / 8]; w13_scales
+    [E, G13, 2I] (any float dtype); w13_zeros int32 [E, G13, 2I / 8] (unsigned zero points, 8
+    for symmetric formats); w2_packed int32 [E, I, H / 8]; w2_scales [E, G2, H]; w2_zeros int32
+    [E, G2, H / 8]; H a multiple of G13 and I of G2 (refused otherwise). Routing weights, expert
+    map, apply_router_weight_on_input and the combine are moe_experts'."""

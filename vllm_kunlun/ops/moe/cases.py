@@ -2,7 +2,8 @@
 idle experts, strided hidden states, sizes that are not powers of two, an expert map with remote
 experts, grouped routing with and without a bias under both scorings, and large batches; the
 W8A8 experts' cases mirror the experts' (int8 weights in [-127, 127], random float32 absmax per
-output channel) and add a token of zeros.
+output channel) and add a token of zeros; the weight-only int4 experts' cases mirror them too
+(random 4-bit values, zero points and scales per group, 1 to 8 groups per expert).
 
 Router logits are a random permutation per token of distinct multiples of 1/64 (exact in every
 dtype), so no two experts tie and the chosen ids do not depend on the dtype or on the order of
@@ -12,6 +13,7 @@ float32 rounding.
 import torch
 
 from vllm_kunlun.ops.check.case import TOLERANCE, Case, int_tensor, randn, wide_view
+from vllm_kunlun.ops.quant.int4_layout import pack_int4
 
 
 def distinct_logits(tokens: int, experts: int, dtype, device, g) -> torch.Tensor:
@@ -46,10 +48,12 @@ def _routing(tokens: int, experts: int, top_k: int, g, idle: tuple[int, ...] = (
 
 
 def _experts(tokens, experts, top_k, hidden, inter, activation="silu", idle=(), strided=False,
-             expert_map=None, on_input=False, w8a8=False, zero_row=None):  # fmt: skip
+             expert_map=None, on_input=False, w8a8=False, zero_row=None,
+             int4_groups=None):  # fmt: skip
     """expert_map: the local experts' global ids (the others are remote), or None. w8a8: the
-    arguments of moe_experts_w8a8 (int8 weights and their float32 absmax), else moe_experts'.
-    zero_row: a token whose hidden state is all zeros."""
+    arguments of moe_experts_w8a8 (int8 weights and their float32 absmax); int4_groups: the
+    arguments of moe_experts_wna16 with (G13, G2) groups; else moe_experts'. zero_row: a token
+    whose hidden state is all zeros."""
 
     def make(dtype, device, g):
         global_experts = experts if expert_map is None else max(expert_map) + 2
@@ -63,6 +67,9 @@ def _experts(tokens, experts, top_k, hidden, inter, activation="silu", idle=(), 
         if w8a8:
             w13, w13_absmax = _int8_weight((local, 2 * inter, hidden), device, g)
             w2, w2_absmax = _int8_weight((local, hidden, inter), device, g)
+        elif int4_groups is not None:
+            w13_int4 = _int4_weight((local, hidden, 2 * inter), int4_groups[0], dtype, device, g)
+            w2_int4 = _int4_weight((local, inter, hidden), int4_groups[1], dtype, device, g)
         else:
             w13 = randn((local, 2 * inter, hidden), dtype, device, g, hidden**-0.5)
             w2 = randn((local, hidden, inter), dtype, device, g, inter**-0.5)
@@ -76,6 +83,8 @@ def _experts(tokens, experts, top_k, hidden, inter, activation="silu", idle=(), 
         routing = (weights.to(device), ids.to(device), mapping, activation, on_input)
         if w8a8:
             return (x, w13, w13_absmax, w2, w2_absmax, *routing)
+        if int4_groups is not None:
+            return (x, *w13_int4, *w2_int4, *routing)
         return (x, w13, w2, *routing)
 
     return make
@@ -88,6 +97,30 @@ def _int8_weight(shape: tuple[int, int, int], device, g) -> tuple[torch.Tensor, 
     w = torch.randint(-127, 128, shape, generator=g, dtype=torch.int8)
     absmax = (torch.rand(experts, channels, generator=g) + 0.5) * 2 * depth**-0.5
     return w.to(device), absmax.to(device)
+
+
+def _int4_weight(shape: tuple[int, int, int], groups: int, dtype, device, g):
+    """(packed int32 [E, K, N / 8], scales [E, G, N] in dtype, zeros int32 [E, G, N / 8]) with
+    random 4-bit values and zero points, whose dequantized rows have a standard deviation of
+    about K^-0.5 (|q - z| is about 6 on average)."""
+    experts, depth, channels = shape
+    q = torch.randint(0, 16, shape, generator=g)
+    z = torch.randint(0, 16, (experts, groups, channels), generator=g)
+    scales = (torch.rand(experts, groups, channels, generator=g) + 0.5) * depth**-0.5 / 6
+    return pack_int4(q).to(device), scales.to(device=device, dtype=dtype), pack_int4(z).to(device)
+
+
+#: moe_experts_wna16: the Kunlun binding dequantizes to fp16 (ops/moe/kunlun.py), so float32
+#: cases get fp16's weight precision (up to 2^-11 relative per weight), in two GEMMs one after
+#: the other: 3e-3 where the quant family's one-GEMM wNa16 cases allow 1e-3 (measured 1.4e-3).
+INT4_TOLERANCE = {torch.float32: (1e-5, 3e-3)}
+
+
+def _wna16(name: str, sizes: tuple[int, int, int, int, int], groups: tuple[int, int],
+           big: bool = False, **options):  # fmt: skip
+    """A moe_experts_wna16 case: sizes = (tokens, experts, top_k, hidden, inter)."""
+    make = _experts(*sizes, int4_groups=groups, **options)
+    return Case(name, make, big=big, tolerance=INT4_TOLERANCE)
 
 
 #: moe_experts_w8a8: TOLERANCE plus 1e-2 x max |want| in rtol. The activation a is quantized
@@ -151,5 +184,20 @@ CASES = {
         _w8a8("router weight on input, top 1", (6, 5, 1, 64, 32), on_input=True),
         _w8a8("a token of zeros", (5, 6, 2, 64, 32), zero_row=2),
         _w8a8("512 tokens, 32 experts, top 4", (512, 32, 4, 1024, 512), big=True),
+    ],
+    "moe_experts_wna16": [
+        _wna16("1 token, 4 experts, top 2", (1, 4, 2, 64, 32), (2, 1)),
+        _wna16("3 tokens < 16 experts", (3, 16, 2, 64, 48), (1, 3)),
+        _wna16("top_k = experts (4)", (5, 4, 4, 32, 16), (4, 2)),
+        _wna16("experts 1 and 6 idle", (9, 8, 2, 64, 32), (8, 4), idle=(1, 6)),
+        _wna16("strided hidden states", (6, 8, 2, 64, 32), (2, 2), strided=True),
+        _wna16("6 experts, top 3, 72 x 40", (7, 6, 3, 72, 40), (3, 5)),
+        _wna16("expert map, 4 of 10 local", (8, 4, 3, 64, 32), (2, 1), expert_map=[2, 3, 7, 8]),
+        _wna16("gelu (erf)", (5, 6, 2, 48, 24), (3, 3), activation="gelu"),
+        _wna16("router weight on input, top 1", (6, 5, 1, 64, 32), (2, 1), on_input=True),
+        _wna16("a token of zeros", (5, 6, 2, 64, 32), (1, 1), zero_row=2),
+        _wna16(
+            "512 tokens, 32 experts, top 4, group 128", (512, 32, 4, 1024, 512), (8, 4), big=True
+        ),  # fmt: skip
     ],
 }

@@ -11,7 +11,9 @@ bfloat16, run the reference. Routing runs the reference: it is not where the tim
 
 The W8A8 experts are the reference's expert MLP (`reference.w8a8_expert_mlp`) with the quant
 family's fast int8 GEMM (torch._int_mm on the host, the reference elsewhere), which gives
-bitwise the reference's GEMM: the result is bitwise the reference's.
+bitwise the reference's GEMM: the result is bitwise the reference's. The weight-only int4
+experts likewise use the quant family's fast int4 GEMM (byte-wise unpacking on the host,
+bitwise the reference's).
 """
 
 import functools
@@ -142,6 +144,35 @@ def moe_experts_w8a8(
     return reference.grouped_experts(
         hidden_states,
         w13.shape[0],
+        expert_mlp,
+        topk_weights,
+        topk_ids,
+        expert_map,
+        apply_router_weight_on_input,
+    )
+
+
+def moe_experts_wna16(
+    hidden_states: torch.Tensor,
+    w13_packed: torch.Tensor,
+    w13_scales: torch.Tensor,
+    w13_zeros: torch.Tensor,
+    w2_packed: torch.Tensor,
+    w2_scales: torch.Tensor,
+    w2_zeros: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None,
+    activation: str,
+    apply_router_weight_on_input: bool,
+) -> torch.Tensor:
+    reference.check_activation(activation)
+    weights = (w13_packed, w13_scales, w13_zeros, w2_packed, w2_scales, w2_zeros)
+    reference.check_wna16_experts(hidden_states, *weights)
+    expert_mlp = reference.wna16_expert_mlp(*weights, activation, quant_compiled.wna16_gemm)
+    return reference.grouped_experts(
+        hidden_states,
+        w13_packed.shape[0],
         expert_mlp,
         topk_weights,
         topk_ids,

@@ -36,6 +36,18 @@ int8 and w2_absmax float32 [E, H] into [M, k, H], and `moe_post` with dequant_sc
 weight absmaxes are the checkpoint scales × 127, as the recorded plugin multiplies them at load
 (C4); the op takes them so.
 
+Weight-only int4 experts (`moe_experts_wna16`): no recorded kunlun_ops kernel multiplies packed
+int4 experts directly; the recorded W4A16 MoE path dequantizes the experts (`dequant_int4`,
+whose scale x 15 and zero - 8 conventions KUNLUN.md records without their meaning) and runs the
+float experts. Here the dequantization is the quant family's binding of `awq_dequantize`, whose
+layout that family already assumes: all experts in one call, stacked along the input dimension
+(w_packed viewed [E·K, N / 8], scales [E·G, N], zeros [E·G, N / 8], group_m = K / G, so row
+e·K + k falls in group e·G + k // (K / G), that expert's own), giving fp16 [E·K, N], cast to the
+activation dtype and transposed to moe_fc's [E, N, K]; then `moe_experts` above on those float
+weights. Every call dequantizes every local expert: the cost of a large-batch path at any batch
+size, and a float copy of the experts while the layer runs. The fp16 weight carries the quant
+family's fp16 caveats (|W| < 65504; fp32 activations see fp16's 11 significant bits).
+
 Every tensor handed over is contiguous (C1), index tensors are int32 (C5) and every output is
 preallocated here (C2). "The other revision" below is baidu/vLLM-Kunlun `ops/_kunlun_ops.py` at
 00db81a, a revision KUNLUN.md does not record; the facts taken from it are marked.
@@ -334,3 +346,47 @@ def moe_experts_w8a8(
 
     return _sorted_experts(hidden_states, experts, mlp, topk_weights, topk_ids, expert_map,
                            activation, apply_router_weight_on_input)  # fmt: skip
+
+
+def _dequantized_experts(
+    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Packed int4 experts [E, K, N / 8] as float [E, N, K] (moe_fc's layout) in dtype, from
+    one awq_dequantize over the experts stacked along K (see the module docstring)."""
+    experts, depth, words = packed.shape
+    groups, channels = scales.shape[1], scales.shape[2]
+    stacked = quant_kunlun.awq_weight_fp16(  # fp16, cast once to dtype below
+        packed.reshape(experts * depth, words),
+        scales.reshape(experts * groups, channels),
+        zeros.reshape(experts * groups, words),
+    )
+    return dense(stacked.view(experts, depth, channels).transpose(1, 2).to(dtype))
+
+
+def moe_experts_wna16(
+    hidden_states: torch.Tensor,
+    w13_packed: torch.Tensor,
+    w13_scales: torch.Tensor,
+    w13_zeros: torch.Tensor,
+    w2_packed: torch.Tensor,
+    w2_scales: torch.Tensor,
+    w2_zeros: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None,
+    activation: str,
+    apply_router_weight_on_input: bool,
+) -> torch.Tensor:
+    reference.check_activation(activation)
+    reference.check_wna16_experts(hidden_states, w13_packed, w13_scales, w13_zeros, w2_packed,
+                                  w2_scales, w2_zeros)  # fmt: skip
+    if w13_packed.shape[0] > MAX_KERNEL_EXPERTS:
+        return reference.moe_experts_wna16(
+            hidden_states, w13_packed, w13_scales, w13_zeros, w2_packed, w2_scales, w2_zeros,
+            topk_weights, topk_ids, expert_map, activation, apply_router_weight_on_input,
+        )  # fmt: skip
+    dtype = hidden_states.dtype
+    w13 = _dequantized_experts(w13_packed, w13_scales, w13_zeros, dtype)
+    w2 = _dequantized_experts(w2_packed, w2_scales, w2_zeros, dtype)
+    return moe_experts(hidden_states, w13, w2, topk_weights, topk_ids, expert_map, activation,
+                       apply_router_weight_on_input)  # fmt: skip

@@ -14,6 +14,8 @@ counter does not see it), the only one in this family.
 `moe_experts_w8a8` is the same grouping around a W8A8 expert MLP built from the quant family's
 reference kernels: each row quantized per token, the int8 GEMMs scaled in float32 and rounded
 to the activation dtype, the gated activation quantized again before the down GEMM.
+`moe_experts_wna16` is the same grouping around the quant family's weight-only int4 GEMM: each
+expert's two GEMMs dequantize that expert's packed weights (`wna16_gemm`).
 """
 
 from collections.abc import Callable
@@ -186,6 +188,87 @@ def moe_experts_w8a8(
     expert_mlp = w8a8_expert_mlp(w13, w13_absmax, w2, w2_absmax, activation)
     return grouped_experts(hidden_states, w13.shape[0], expert_mlp, topk_weights, topk_ids,
                            expert_map, apply_router_weight_on_input)  # fmt: skip
+
+
+#: The quant family's wNa16 GEMM: (x, w_packed, scales, zeros, input_order, bias).
+Int4Gemm = Callable[..., torch.Tensor]
+
+
+def check_wna16_experts(
+    hidden_states: torch.Tensor,
+    w13_packed: torch.Tensor,
+    w13_scales: torch.Tensor,
+    w13_zeros: torch.Tensor,
+    w2_packed: torch.Tensor,
+    w2_scales: torch.Tensor,
+    w2_zeros: torch.Tensor,
+) -> None:
+    """The int4 experts' shapes against each other and x (shapes only: no host sync)."""
+    experts, hidden = w13_packed.shape[0], hidden_states.shape[-1]
+    for name, tensor in (("w13_packed", w13_packed), ("w13_scales", w13_scales),
+                         ("w13_zeros", w13_zeros), ("w2_packed", w2_packed),
+                         ("w2_scales", w2_scales), ("w2_zeros", w2_zeros)):  # fmt: skip
+        if tensor.dim() != 3 or tensor.shape[0] != experts:
+            raise ValueError(f"moe_experts_wna16: {name} must be [E = {experts}, ..], got "
+                             f"{list(tensor.shape)}")  # fmt: skip
+    if w13_packed.shape[1] != hidden or w2_scales.shape[2] != hidden:
+        raise ValueError(
+            f"moe_experts_wna16: x has H = {hidden} features, but w13_packed is "
+            f"{list(w13_packed.shape)} ([E, H, 2I / 8]) and w2_scales {list(w2_scales.shape)} "
+            "([E, G2, H])"
+        )
+    if w13_scales.shape[2] != 2 * w2_packed.shape[1]:
+        raise ValueError(
+            f"moe_experts_wna16: w13_scales {list(w13_scales.shape)} ([E, G13, 2I]) and "
+            f"w2_packed {list(w2_packed.shape)} ([E, I, H / 8]) disagree on I"
+        )
+    if experts:
+        quant.check_wna16_shapes(w13_packed[0], w13_scales[0], w13_zeros[0])
+        quant.check_wna16_shapes(w2_packed[0], w2_scales[0], w2_zeros[0])
+
+
+def wna16_expert_mlp(
+    w13_packed: torch.Tensor,
+    w13_scales: torch.Tensor,
+    w13_zeros: torch.Tensor,
+    w2_packed: torch.Tensor,
+    w2_scales: torch.Tensor,
+    w2_zeros: torch.Tensor,
+    activation: str,
+    gemm: Int4Gemm = quant.wna16_gemm,
+) -> ExpertMLP:
+    """One expert's weight-only int4 gated MLP on its rows, with `gemm` as the int4 GEMM."""
+
+    def expert_mlp(expert: int, rows: torch.Tensor) -> torch.Tensor:
+        gate_up = gemm(rows, w13_packed[expert], w13_scales[expert], w13_zeros[expert], None,
+                       None)  # fmt: skip
+        act = gated_activation(gate_up, activation)
+        return gemm(act, w2_packed[expert], w2_scales[expert], w2_zeros[expert], None, None)
+
+    return expert_mlp
+
+
+def moe_experts_wna16(
+    hidden_states: torch.Tensor,
+    w13_packed: torch.Tensor,
+    w13_scales: torch.Tensor,
+    w13_zeros: torch.Tensor,
+    w2_packed: torch.Tensor,
+    w2_scales: torch.Tensor,
+    w2_zeros: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None,
+    activation: str,
+    apply_router_weight_on_input: bool,
+) -> torch.Tensor:
+    """`moe_experts` with mlp_e(x) = wna16_gemm(act(wna16_gemm(x, W13_e)), W2_e)."""
+    check_activation(activation)
+    weights = (w13_packed, w13_scales, w13_zeros, w2_packed, w2_scales, w2_zeros)
+    check_wna16_experts(hidden_states, *weights)
+    expert_mlp = wna16_expert_mlp(*weights, activation)
+    return grouped_experts(hidden_states, w13_packed.shape[0], expert_mlp, topk_weights,
+                           topk_ids, expert_map, apply_router_weight_on_input)  # fmt: skip
 
 
 def grouped_experts(

@@ -133,7 +133,9 @@ def int8_scaled_mm(
     return out
 
 
-def _awq_weight(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+def awq_weight_fp16(
+    w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+) -> torch.Tensor:
     """W fp16 [K, N] from awq_dequantize (its only recorded weight dtype)."""
     group_size = reference.check_wna16_shapes(w_packed, scales, zeros)
     shape = (w_packed.shape[0], scales.shape[1])
@@ -154,7 +156,7 @@ def _awq_weight(w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 def wna16_dequant(
     w_packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 ) -> torch.Tensor:
-    return _awq_weight(w_packed, scales, zeros).to(scales.dtype)
+    return awq_weight_fp16(w_packed, scales, zeros).to(scales.dtype)
 
 
 def _awq_gemm(
@@ -196,7 +198,7 @@ def wna16_gemm(
     elif x.dtype == torch.float16 and count < GEMM_MAX_ROWS:
         out = _awq_gemm(rows, w_packed, scales, zeros, group_size)
     else:
-        out = rows @ _awq_weight(w_packed, scales, zeros).to(x.dtype)
+        out = rows @ awq_weight_fp16(w_packed, scales, zeros).to(x.dtype)
     if bias is not None:
         out = out + bias.to(x.dtype)
     return out.view(*x.shape[:-1], channels)
