@@ -126,7 +126,6 @@ def test_weight_only_4bit_checkpoints_are_accepted(method, quant_config):
         (CT, config(acts=DYNAMIC, format="pack-quantized", weights=INT4),
          "pack-quantized weights with quantized activations"),
         ("kunlun_gptq", GPTQ | {"bits": 8}, "GPTQ with 8-bit weights"),
-        ("kunlun_gptq", GPTQ | {"desc_act": True}, "GPTQ with act-order (desc_act true"),
         ("kunlun_gptq", GPTQ | {"sym": False}, "GPTQ with asymmetric weights"),
         ("kunlun_gptq", GPTQ | {"lm_head": True}, "quantized LM head"),
         ("kunlun_gptq", GPTQ | {"group_size": 64},
@@ -134,7 +133,7 @@ def test_weight_only_4bit_checkpoints_are_accepted(method, quant_config):
         ("kunlun_awq", AWQ | {"version": "gemv"}, "AWQ version 'gemv'"),
     ],
     ids=["8-bit", "group act-order", "group size", "activations", "gptq 8-bit",
-         "gptq desc_act", "gptq asymmetric", "gptq lm_head", "gptq group size", "awq gemv"],
+         "gptq asymmetric", "gptq lm_head", "gptq group size", "awq gemv"],
 )  # fmt: skip
 def test_weight_only_checkpoints_the_plugin_cannot_run_are_refused(method, quant_config, says):
     assert says in refusal(method, quant_config, SMALL)
@@ -254,10 +253,11 @@ def write_int4_checkpoint(folder, kind: str, *, depth=64, channels=32, groups=2,
     """One layer of a GPTQ / AWQ / compressed-tensors pack-quantized checkpoint (zeros)."""
     from safetensors.torch import save_file
 
-    if kind == "gptq":
+    if kind.startswith("gptq"):
         tensors = {".qweight": torch.zeros(depth // 8, channels, dtype=torch.int32),
                    ".qzeros": torch.zeros(groups, channels // 8, dtype=torch.int32),
-                   ".scales": torch.ones(groups, channels, dtype=torch.float16)}  # fmt: skip
+                   ".scales": torch.ones(groups, channels, dtype=torch.float16),
+                   ".g_idx": torch.arange(depth, dtype=torch.int32) % groups}  # fmt: skip
     elif kind == "awq":
         tensors = {".qweight": torch.zeros(depth, channels // 8, dtype=torch.int32),
                    ".qzeros": torch.zeros(groups, channels // 8, dtype=torch.int32),
@@ -272,7 +272,12 @@ def write_int4_checkpoint(folder, kind: str, *, depth=64, channels=32, groups=2,
     return str(folder)
 
 
-INT4_METHODS = {"gptq": ("kunlun_gptq", GPTQ), "awq": ("kunlun_awq", AWQ), "w4a16": (CT, w4a16())}
+INT4_METHODS = {
+    "gptq": ("kunlun_gptq", GPTQ),
+    "awq": ("kunlun_awq", AWQ),
+    "w4a16": (CT, w4a16()),
+    "gptq-act-order": ("kunlun_gptq", GPTQ | {"desc_act": True}),
+}
 
 
 @pytest.mark.parametrize("kind", list(INT4_METHODS))
@@ -294,9 +299,14 @@ def test_complete_4bit_checkpoints_pass(tmp_path, kind):
          f"{LAYER}.scales is [2, 32], expected [2, 256]"),
         ("w4a16", {".weight_scale": torch.ones(32, 1, dtype=torch.float16)},
          f"{LAYER}.weight_scale is [32, 1], expected [32, 2] (K 64, N 32, group size 32)"),
+        ("gptq-act-order", {".g_idx": None},
+         f"{LAYER}.g_idx (act-order's group of each input channel) is missing"),
+        ("gptq-act-order", {".g_idx": torch.zeros(32, dtype=torch.int32)},
+         f"{LAYER}.g_idx is I32 [32], expected an integer [64] (K)"),
     ],
     ids=["gptq missing scales", "gptq int8 qweight", "gptq group size mismatch",
-         "awq missing zeros", "awq unpacked qweight", "w4a16 group size mismatch"],
+         "awq missing zeros", "awq unpacked qweight", "w4a16 group size mismatch",
+         "act-order missing g_idx", "act-order short g_idx"],
 )  # fmt: skip
 def test_a_4bit_checkpoint_that_does_not_match_its_config_is_refused_naming_the_tensor(
     tmp_path, kind, replace, says
@@ -307,3 +317,15 @@ def test_a_4bit_checkpoint_that_does_not_match_its_config_is_refused_naming_the_
         check_quantization(method, quant_config, SMALL, model)
     message = str(error.value)
     assert says in message and "does not match its quantization_config" in message
+
+
+def test_gptq_act_order_is_refused_with_tensor_parallelism():
+    """Act-order runs (the plugin's kernel takes the input order) with one rank; with more, the
+    row-parallel layers' input channels would be cut across its groups."""
+    act_order = GPTQ | {"desc_act": True}
+    check_quantization("kunlun_gptq", act_order, SMALL)
+    with pytest.raises(UnsupportedQuantization) as error:
+        check_quantization("kunlun_gptq", act_order, SMALL, tensor_parallel_size=2)
+    assert "act-order (desc_act true) on --tensor-parallel-size 2" in str(error.value)
+    # With one group per output channel act-order changes nothing: no refusal.
+    check_quantization("kunlun_gptq", act_order | {"group_size": -1}, SMALL, tensor_parallel_size=2)

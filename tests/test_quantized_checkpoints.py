@@ -1071,9 +1071,14 @@ def test_vllm_parses_the_int4_configs_and_picks_the_wna16_scheme(quantized):
     assert (config.weight_bits, config.group_size, config.desc_act) == (4, TINY_GROUP, False)
     assert config.is_sym and not config.lm_head_quantized
     assert config.quant_type == scalar_types.uint4b8  # zero point 8: qzeros are not read
-    # vLLM 0.32 no longer loads GPTQ group act-order.
+    # vLLM 0.32 no longer loads GPTQ group act-order; the plugin's GPTQ config keeps it.
+    act_order = quantization_config(quantized("llama", "gptq-act-order"))
     with pytest.raises(ValueError, match="desc_act=True"):
-        AutoGPTQConfig.from_config(quantization_config(quantized("llama", "gptq-act-order")))
+        AutoGPTQConfig.from_config(act_order)
+    from vllm_kunlun.quantization.gptq_awq import KunlunGPTQConfig
+
+    assert KunlunGPTQConfig.from_config(act_order).desc_act is True
+    assert KunlunGPTQConfig.from_config(gptq).desc_act is False
 
     config = AutoAWQConfig.from_config(quantization_config(quantized("llama", "awq")))
     assert (config.weight_bits, config.group_size, config.zero_point) == (4, TINY_GROUP, True)

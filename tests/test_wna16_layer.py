@@ -181,3 +181,80 @@ def test_can_implement_names_what_it_cannot_do(monkeypatch):
     ]:
         ok, reason = KunlunWNA16LinearKernel.can_implement(config(**changes))
         assert not ok and says in reason
+
+
+# GPTQ act-order (desc_act) ----------------------------------------------------------------------
+
+
+def build_act_order(depth: int, channels: int, group_size: int, dtype: torch.dtype, seed=0):
+    """A GPTQ act-order layer: channel k in group g_idx[k], the groups given to the channels in
+    a random order (as GPTQ does, by decreasing Hessian diagonal), each group group_size of
+    them. Returns the layer, the method, and (q, scales, g_idx) as loaded."""
+    g = torch.Generator().manual_seed(seed)
+    groups = depth // group_size
+    q, scales, _ = random_weights(depth, channels, groups, True, seed)
+    g_idx = torch.empty(depth, dtype=torch.int32)
+    g_idx[torch.randperm(depth, generator=g)] = torch.arange(depth, dtype=torch.int32) // group_size
+    layer = nn.Module()
+    config = KunlunGPTQConfig(4, group_size, True, True, False, {}, {})
+    method = KunlunGPTQLinearMethod(config)
+    method.create_weights(layer, input_size_per_partition=depth, output_partition_sizes=[channels],
+                          input_size=depth, output_size=channels, params_dtype=dtype,
+                          weight_loader=None)  # fmt: skip
+    layer.qweight.data = pack_words(q.t()).t().contiguous()
+    layer.qzeros.data = pack_words(torch.full((groups, channels), 7))
+    layer.scales.data = scales.to(dtype)
+    layer.g_idx.load_row_parallel_weight(g_idx)
+    layer.bias = None
+    return layer, method, (q, scales.to(dtype), g_idx)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gptq_act_order_output_is_the_formula_with_g_idx(dtype, reference_ops):
+    """vLLM 0.32 refuses desc_act; the plugin's GPTQ config keeps it, its method loads g_idx, and
+    the kernel sorts the rows by group and takes the sort as wna16_gemm's input order."""
+    layer, method, (q, scales, g_idx) = build_act_order(96, 40, 32, dtype)
+    assert method.quant_config.desc_act
+    method.process_weights_after_loading(layer)
+    assert not hasattr(layer, "g_idx") and layer.kunlun_w4_input_order.dtype == torch.int64
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(1)).to(dtype)
+    before = stats.snapshot()
+    out = method.apply(layer, x)
+    assert stats.snapshot().get("wna16_gemm", 0) == before.get("wna16_gemm", 0) + 1
+    weight = (q.double() - 8) * scales.double()[g_idx.long()]  # row k scaled by its group's scale
+    expected = x.double() @ weight
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)
+    # The same weights read as contiguous groups would be another matrix: g_idx matters here.
+    contiguous = (q.double() - 8) * scales.double().repeat_interleave(32, dim=0)
+    assert (x.double() @ contiguous - expected).abs().max() > 10 * tolerance
+
+
+def test_gptq_act_order_refuses_a_g_idx_that_is_not_gptqs(reference_ops):
+    layer, method, _ = build_act_order(64, 16, 32, torch.float32)
+    layer.g_idx.data = torch.zeros(64, dtype=torch.int32)  # every channel in group 0
+    with pytest.raises(ValueError, match="g_idx does not give each of the 2 groups exactly 32"):
+        method.process_weights_after_loading(layer)
+    unloaded, method, _ = build_act_order(64, 16, 32, torch.float32)
+    unloaded.g_idx.data.fill_(-1)  # what create_weights leaves when no g_idx was loaded
+    with pytest.raises(ValueError, match="g_idx does not give each"):
+        method.process_weights_after_loading(unloaded)
+
+
+def test_gptq_act_order_fused_parts_must_share_their_g_idx():
+    """q/k/v (or gate/up) share one g_idx: the parts' checkpoints must agree."""
+    layer, _, (_, _, g_idx) = build_act_order(64, 16, 32, torch.float32)
+    for shard in ("q", "k"):
+        layer.g_idx.load_qkv_weight(g_idx, shard_id=shard)
+    assert torch.equal(layer.g_idx.data, g_idx)
+    with pytest.raises(ValueError, match="different g_idx"):
+        layer.g_idx.load_qkv_weight(g_idx.flip(0), shard_id="v")
+
+
+def test_gptq_act_order_refuses_a_split_input_dimension():
+    config = KunlunGPTQConfig(4, 32, True, True, False, {}, {})
+    with pytest.raises(ValueError, match="act-order needs --tensor-parallel-size 1"):
+        KunlunGPTQLinearMethod(config).create_weights(
+            nn.Module(), input_size_per_partition=32, output_partition_sizes=[16], input_size=64,
+            output_size=16, params_dtype=torch.float32, weight_loader=None,
+        )  # fmt: skip

@@ -217,7 +217,8 @@ class KunlunPlatformBase(Platform):
         quant_config = getattr(arch_config, "quantization_config", None)
         if quant_config is None:
             quant_config = getattr(hf_config, "quantization_config", None)
-        check_quantization(model_config.quantization, quant_config, hf_config, model_config.model)
+        check_quantization(model_config.quantization, quant_config, hf_config, model_config.model,
+                           vllm_config.parallel_config.tensor_parallel_size)  # fmt: skip
 
     @classmethod
     def _check_devices_for_workers(cls, parallel_config: "ParallelConfig") -> None:

@@ -20,7 +20,8 @@ SUPPORTED = (
     "per tensor, int8 activations dynamic per token and symmetric, or static per tensor; MoE "
     "experts per channel with dynamic activations), compressed-tensors W4A16 (format "
     "pack-quantized: 4-bit weights per group or channel, dense and MoE), and for dense models "
-    "GPTQ (4-bit, symmetric, desc_act false) and AWQ (4-bit, version gemm); make one with "
+    "GPTQ (4-bit, symmetric; act-order with --tensor-parallel-size 1) and AWQ (4-bit, version "
+    "gemm); make one with "
     "`vllm-kunlun quantize` (docs/quantization.md)"
 )
 #: GPTQ / AWQ names the checkpoint's quant_method has, by the plugin's method name.
@@ -171,9 +172,11 @@ def check_compressed_tensors(config: Mapping[str, Any], hf_config: object = None
         _check_moe(groups)
 
 
-def check_gptq_awq(method: str, config: Mapping[str, Any], hf_config: object) -> None:
-    """GPTQ: 4-bit, symmetric, desc_act false; AWQ: 4-bit, version gemm; dense models, the LM
-    head unquantized."""
+def check_gptq_awq(
+    method: str, config: Mapping[str, Any], hf_config: object, tensor_parallel_size: int = 1
+) -> None:
+    """GPTQ: 4-bit, symmetric, act-order only without tensor parallelism; AWQ: 4-bit, version
+    gemm; dense models, the LM head unquantized."""
     name = CHECKPOINT_METHODS[method].upper()
     bits = config.get("bits", config.get("w_bit"))
     if bits != 4:
@@ -185,10 +188,12 @@ def check_gptq_awq(method: str, config: Mapping[str, Any], hf_config: object) ->
     if method == "kunlun_gptq":
         if not config.get("sym", True):
             raise refuse("GPTQ with asymmetric weights (sym false)")
-        if config.get("desc_act"):
+        if _act_order(config) and tensor_parallel_size > 1:
             raise refuse(
-                "GPTQ with act-order (desc_act true; vLLM 0.32 refuses it too): use a checkpoint "
-                "quantized with desc_act false"
+                f"GPTQ with act-order (desc_act true) on --tensor-parallel-size "
+                f"{tensor_parallel_size}: tensor parallelism splits the input channels of "
+                "row-parallel layers across act-order's groups; serve it with "
+                "--tensor-parallel-size 1, or use a checkpoint quantized with desc_act false"
             )
         if config.get("dynamic"):
             raise refuse("GPTQ with per-module `dynamic` overrides")
@@ -199,6 +204,11 @@ def check_gptq_awq(method: str, config: Mapping[str, Any], hf_config: object) ->
     group_size = int(config.get("group_size", config.get("q_group_size", -1)))
     if group_size != -1:
         check_group_size(group_size, hf_config, f"the {name} config")
+
+
+def _act_order(config: Mapping[str, Any]) -> bool:
+    """GPTQ act-order that changes anything (with one group per channel it does not)."""
+    return bool(config.get("desc_act")) and int(config.get("group_size", -1)) != -1
 
 
 def _check_moe(groups: Mapping[str, Any]) -> None:
@@ -236,7 +246,11 @@ def _static_activations(config: Mapping[str, Any]) -> tuple[bool, bool]:
 
 
 def check_quantization(
-    method: str | None, config: Mapping[str, Any] | None, hf_config, model: str | None = None
+    method: str | None,
+    config: Mapping[str, Any] | None,
+    hf_config,
+    model: str | None = None,
+    tensor_parallel_size: int = 1,
 ) -> None:
     """The engine's quantization method (vLLM's name, None when unquantized), the checkpoint's
     quantization_config and, when `model` is a local folder, its tensors: checked before any
@@ -250,7 +264,7 @@ def check_quantization(
             "(the plugin does not quantize at load time)"
         )
     if method in CHECKPOINT_METHODS:
-        check_gptq_awq(method, config, hf_config)
+        check_gptq_awq(method, config, hf_config, tensor_parallel_size)
     else:
         check_compressed_tensors(config, hf_config)
     if model is None or not Path(model).is_dir():
@@ -260,7 +274,9 @@ def check_quantization(
     folder = Path(model)
     if method in CHECKPOINT_METHODS:
         group_size = int(config.get("group_size", config.get("q_group_size", -1)))
-        checkpoint_tensors.check_gptq_awq_tensors(folder, CHECKPOINT_METHODS[method], group_size)
+        checkpoint_tensors.check_gptq_awq_tensors(
+            folder, CHECKPOINT_METHODS[method], group_size, _act_order(config)
+        )
     elif config.get("format") == "pack-quantized":
         checkpoint_tensors.check_pack_quantized_tensors(folder, _pack_group_size(config))
     else:

@@ -107,10 +107,12 @@ def _groups(depth: int, group_size: int, name: str, folder: Path) -> int:
     return depth // group_size
 
 
-def check_gptq_awq_tensors(folder: Path, kind: str, group_size: int) -> None:
+def check_gptq_awq_tensors(
+    folder: Path, kind: str, group_size: int, act_order: bool = False
+) -> None:
     """Every 4-bit layer of a GPTQ (`qweight` [K / 8, N] packed along K) or AWQ (`qweight`
     [K, N / 8] packed along N, `qzeros` [G, N / 8]) checkpoint has int32 packed tensors and
-    float `scales` [G, N] for the config's group size."""
+    float `scales` [G, N] for the config's group size; with GPTQ act-order, a `g_idx` [K]."""
     tensors = read_headers(folder)
     modules = sorted(name[: -len(".qweight")] for name in tensors if name.endswith(".qweight"))
     if tensors and not modules:
@@ -125,6 +127,14 @@ def check_gptq_awq_tensors(folder: Path, kind: str, group_size: int) -> None:
         if kind == "awq":
             zeros = _shape(tensors, module + ".qzeros", folder, PACKED, "packed zero points")
             _expect(module + ".qzeros", zeros, (groups, channels // PACK), why, folder)
+        if act_order:
+            found = tensors.get(module + ".g_idx")
+            if found is None:
+                raise corrupt(f"{module}.g_idx (act-order's group of each input channel) is "
+                              "missing", folder)  # fmt: skip
+            if found[0] not in ("I32", "I64") or tuple(found[1]) != (depth,):
+                raise corrupt(f"{module}.g_idx is {found[0]} {list(found[1])}, expected an "
+                              f"integer [{depth}] (K)", folder)  # fmt: skip
 
 
 def check_pack_quantized_tensors(folder: Path, group_size: int) -> None:

@@ -14,6 +14,12 @@ After loading, the weight, scales and zero points are rewritten once into the `q
 layout (vllm_kunlun/ops/quant/int4_layout.py: int32 [K, N / 8] packed along N, scales [G, N],
 zero points always present), which is what Kunlun's awq_gemm reads as it is. A forward is one
 plugin op, `wna16_gemm`.
+
+GPTQ act-order: the plugin's GPTQ method adds `g_idx` [K] (gptq_awq.py), each input channel's
+group, in any order. The weight's rows are then sorted by group (stably), which makes every
+group the contiguous K / G rows the layout needs (checked: a g_idx that does not give each
+group exactly K / G channels, in group order, is refused), and the sort is kept as
+`wna16_gemm`'s input_order: x' = x[..., order], so x' @ W_sorted = x @ W.
 """
 
 import torch
@@ -35,6 +41,9 @@ from vllm_kunlun.quantization.checkpoint_config import on_kunlun_platform
 SUPPORTED_TYPES = (scalar_types.uint4b8, scalar_types.uint4)
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ZEROS_NAME = "kunlun_w4_zeros"
+#: GPTQ act-order's group of each input channel (as loaded), and the sort kept from it.
+GROUP_INDEX_NAME = "g_idx"
+INPUT_ORDER_NAME = "kunlun_w4_input_order"
 
 
 def _input_major(tensor: torch.Tensor, input_axis: int | None) -> torch.Tensor:
@@ -91,6 +100,14 @@ class KunlunWNA16LinearKernel(MPLinearKernel):
                 f"a weight-only layer's input size {depth} is not a multiple of its {groups} "
                 "quantization groups"
             )
+        group_index = getattr(layer, GROUP_INDEX_NAME, None)
+        if group_index is not None:
+            order = _group_order(group_index.data, groups)
+            values = values[order]
+            delattr(layer, GROUP_INDEX_NAME)
+            layer.register_parameter(
+                INPUT_ORDER_NAME, torch.nn.Parameter(order, requires_grad=False)
+            )
         replace_parameter(layer, self.w_q_name, pack_int4(values).contiguous())
         replace_parameter(layer, self.w_s_name, scales_kn.to(self.config.act_type))
         if self.w_zp_name is not None and hasattr(layer, self.w_zp_name):
@@ -103,4 +120,20 @@ class KunlunWNA16LinearKernel(MPLinearKernel):
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         weight, scales = getattr(layer, self.w_q_name), getattr(layer, self.w_s_name)
-        return quant.wna16_gemm(x, weight, scales, getattr(layer, ZEROS_NAME), None, bias)
+        order = getattr(layer, INPUT_ORDER_NAME, None)
+        return quant.wna16_gemm(x, weight, scales, getattr(layer, ZEROS_NAME), order, bias)
+
+
+def _group_order(group_index: torch.Tensor, groups: int) -> torch.Tensor:
+    """The stable sort of the input channels by group (int64 [K]), after checking that it gives
+    each of the `groups` groups exactly K / G channels, in group order."""
+    depth = group_index.shape[0]
+    order = torch.argsort(group_index.long(), stable=True)
+    expected = torch.arange(groups, device=group_index.device).repeat_interleave(depth // groups)
+    if not torch.equal(group_index.long()[order], expected):
+        raise ValueError(
+            f"GPTQ act-order: g_idx does not give each of the {groups} groups exactly "
+            f"{depth // groups} of the {depth} input channels; the checkpoint is corrupt or "
+            "was not written by GPTQ"
+        )
+    return order
