@@ -28,7 +28,8 @@ i of an int32 word in bits 4i..4i+3), and loaded without any activation quantiza
 
     pack-quantized: weight_packed [N, K/8] along K, stored q + 8; weight_scale [N, G'];
                     weight_zero_point [N/8, G'] along N, stored z + 8 (asymmetric only);
-                    w = (q - z) * scale, group of k = k // (K / G')
+                    w = (q - z) * scale, group of k = k // (K / G'). 8-bit weights (W8A16):
+                    four values a word (bits 8i..8i+7), stored q + 128
     GPTQ (v1):      qweight [K/8, N] along K; qzeros [G', N/8] along N storing z - 1;
                     scales [G', N]; w[n, k] = (q - z) * scale at group g_idx[k]
     AWQ (GEMM):     qweight [K, N/8] and qzeros [G', N/8] along N, value i of a word being
@@ -167,13 +168,25 @@ def unpack_int4(words: torch.Tensor, dim: int, order=tuple(range(8))) -> torch.T
     return placed.movedim(-1, dim)
 
 
+def unpack_bytes(words: torch.Tensor, dim: int) -> torch.Tensor:
+    """The 8-bit values (0..255, int64) of int32 `words`, four per word along `dim`: value i
+    (bits 8i..8i+7) is element i of its four."""
+    shifts = torch.arange(4, dtype=torch.int64) * 8
+    values = (words.to(torch.int64).unsqueeze(-1) >> shifts) & 0xFF  # [..., 4]
+    values = values.movedim(dim, -2)
+    values = values.reshape(*values.shape[:-2], -1)
+    return values.movedim(-1, dim)
+
+
 def _pack_quantized_weight(leaves: dict[str, torch.Tensor]) -> torch.Tensor:
     n, k = (int(v) for v in leaves["weight_shape"])
-    q = unpack_int4(leaves["weight_packed"], dim=1)[:, :k]  # [N, K], stored q + 8
+    eight_bit = leaves["weight_packed"].shape[1] * 4 == k  # four values a word, else eight
+    unpack = unpack_bytes if eight_bit else unpack_int4
+    q = unpack(leaves["weight_packed"], dim=1)[:, :k]  # [N, K], stored q + 8 (q + 128)
     scale = leaves["weight_scale"].float()  # [N, G']
-    zero = torch.full(scale.shape, 8, dtype=q.dtype)
-    if "weight_zero_point" in leaves:  # asymmetric: [N/8, G'] packed along N
-        zero = unpack_int4(leaves["weight_zero_point"], dim=0)[:n]
+    zero = torch.full(scale.shape, 128 if eight_bit else 8, dtype=q.dtype)
+    if "weight_zero_point" in leaves:  # asymmetric: [N/8, G'] (8-bit: [N/4, G']) along N
+        zero = unpack(leaves["weight_zero_point"], dim=0)[:n]
     group = k // scale.shape[1]
     expand = lambda t: t.repeat_interleave(group, dim=1)  # noqa: E731
     return (q - expand(zero)).float() * expand(scale)

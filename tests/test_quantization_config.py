@@ -109,9 +109,12 @@ def w4a16(weights=INT4) -> dict:
         ("kunlun_gptq", GPTQ),
         ("kunlun_gptq", GPTQ | {"group_size": -1}),
         ("kunlun_awq", AWQ),
+        (CT, w4a16(INT4 | {"num_bits": 8})),
+        ("kunlun_gptq", GPTQ | {"bits": 8}),
     ],
-    ids=["w4a16", "w4a16 asymmetric", "w4a16 per channel", "gptq", "gptq per channel", "awq"],
-)
+    ids=["w4a16", "w4a16 asymmetric", "w4a16 per channel", "gptq", "gptq per channel", "awq",
+         "w8a16", "gptq 8-bit"],
+)  # fmt: skip
 def test_weight_only_4bit_checkpoints_are_accepted(method, quant_config):
     check_quantization(method, quant_config, SMALL)
 
@@ -119,20 +122,21 @@ def test_weight_only_4bit_checkpoints_are_accepted(method, quant_config):
 @pytest.mark.parametrize(
     ("method", "quant_config", "says"),
     [
-        (CT, w4a16(INT4 | {"num_bits": 8}), "pack-quantized weights of type 'int' with 8 bits"),
+        (CT, w4a16(INT4 | {"num_bits": 2}), "pack-quantized weights of type 'int' with 2 bits"),
         (CT, w4a16(INT4 | {"actorder": "group"}), "weights.actorder 'group'"),
         (CT, w4a16(INT4 | {"group_size": 128}),
          "group size 128, but the model's hidden_size (64) is not a multiple of it"),
         (CT, config(acts=DYNAMIC, format="pack-quantized", weights=INT4),
          "pack-quantized weights with quantized activations"),
-        ("kunlun_gptq", GPTQ | {"bits": 8}, "GPTQ with 8-bit weights"),
+        ("kunlun_gptq", GPTQ | {"bits": 3}, "GPTQ with 3-bit weights"),
+        ("kunlun_awq", AWQ | {"bits": 8}, "AWQ with 8-bit weights (4-bit weights are supported)"),
         ("kunlun_gptq", GPTQ | {"sym": False}, "GPTQ with asymmetric weights"),
         ("kunlun_gptq", GPTQ | {"lm_head": True}, "quantized LM head"),
         ("kunlun_gptq", GPTQ | {"group_size": 64},
          "group size 64, but the model's intermediate_size (96) is not a multiple of it"),
         ("kunlun_awq", AWQ | {"version": "gemv"}, "AWQ version 'gemv'"),
     ],
-    ids=["8-bit", "group act-order", "group size", "activations", "gptq 8-bit",
+    ids=["2-bit", "group act-order", "group size", "activations", "gptq 3-bit", "awq 8-bit",
          "gptq asymmetric", "gptq lm_head", "gptq group size", "awq gemv"],
 )  # fmt: skip
 def test_weight_only_checkpoints_the_plugin_cannot_run_are_refused(method, quant_config, says):
@@ -154,7 +158,9 @@ def test_weight_only_moe_models_pass_the_weight_only_checks():
     model's, the experts' input size (moe_intermediate_size) included."""
     moe = types.SimpleNamespace(**vars(SMALL), num_experts=8, moe_intermediate_size=64)
     check_quantization(CT, w4a16(), moe)
-    assert "8 bits" in refusal(CT, w4a16(INT4 | {"num_bits": 8}), moe)
+    assert "MoE model with 8-bit weight-only experts" in refusal(
+        CT, w4a16(INT4 | {"num_bits": 8}), moe
+    )
     narrow = types.SimpleNamespace(**vars(moe) | {"moe_intermediate_size": 48})
     assert "moe_intermediate_size (48) is not a multiple of it" in refusal(CT, w4a16(), narrow)
 
@@ -253,7 +259,11 @@ def write_int4_checkpoint(folder, kind: str, *, depth=64, channels=32, groups=2,
     """One layer of a GPTQ / AWQ / compressed-tensors pack-quantized checkpoint (zeros)."""
     from safetensors.torch import save_file
 
-    if kind.startswith("gptq"):
+    if kind == "w8a16":
+        tensors = {".weight_packed": torch.zeros(channels, depth // 4, dtype=torch.int32),
+                   ".weight_scale": torch.ones(channels, groups, dtype=torch.float16),
+                   ".weight_shape": torch.tensor([channels, depth])}  # fmt: skip
+    elif kind.startswith("gptq"):
         tensors = {".qweight": torch.zeros(depth // 8, channels, dtype=torch.int32),
                    ".qzeros": torch.zeros(groups, channels // 8, dtype=torch.int32),
                    ".scales": torch.ones(groups, channels, dtype=torch.float16),
@@ -277,6 +287,7 @@ INT4_METHODS = {
     "awq": ("kunlun_awq", AWQ),
     "w4a16": (CT, w4a16()),
     "gptq-act-order": ("kunlun_gptq", GPTQ | {"desc_act": True}),
+    "w8a16": (CT, w4a16(INT4 | {"num_bits": 8})),
 }
 
 
@@ -299,6 +310,8 @@ def test_complete_4bit_checkpoints_pass(tmp_path, kind):
          f"{LAYER}.scales is [2, 32], expected [2, 256]"),
         ("w4a16", {".weight_scale": torch.ones(32, 1, dtype=torch.float16)},
          f"{LAYER}.weight_scale is [32, 1], expected [32, 2] (K 64, N 32, group size 32)"),
+        ("w8a16", {".weight_packed": torch.zeros(32, 8, dtype=torch.int32)},
+         f"{LAYER}.weight_scale is [32, 2], expected [32, 1] (K 32, N 32, group size 32)"),
         ("gptq-act-order", {".g_idx": None},
          f"{LAYER}.g_idx (act-order's group of each input channel) is missing"),
         ("gptq-act-order", {".g_idx": torch.zeros(32, dtype=torch.int32)},
@@ -306,7 +319,7 @@ def test_complete_4bit_checkpoints_pass(tmp_path, kind):
     ],
     ids=["gptq missing scales", "gptq int8 qweight", "gptq group size mismatch",
          "awq missing zeros", "awq unpacked qweight", "w4a16 group size mismatch",
-         "act-order missing g_idx", "act-order short g_idx"],
+         "w8a16 read as 4-bit", "act-order missing g_idx", "act-order short g_idx"],
 )  # fmt: skip
 def test_a_4bit_checkpoint_that_does_not_match_its_config_is_refused_naming_the_tensor(
     tmp_path, kind, replace, says

@@ -272,7 +272,7 @@ def test_reference_dequantizes_and_fake_quantizes(quantized):
 def test_an_unknown_scheme_is_refused(tmp_path, tiny_model_factory):
     source = tiny_model_factory("llama")
     supported = ("w8a8-dynamic, w8a8-smooth, w8a8-static, w8a8-static-asym, w4a16, "
-                 "w4a16-asym, gptq, gptq-act-order, awq")  # fmt: skip
+                 "w4a16-asym, w8a16, gptq, gptq-act-order, awq")  # fmt: skip
     with pytest.raises(ValueError, match=f"'w4a4'; supported: {supported}"):
         make_quantized_checkpoint(source, tmp_path / "out", "w4a4")
     with pytest.raises(ValueError, match="'gptq-v2'"):
@@ -371,6 +371,19 @@ def expert_weights(arch: str, names) -> list[str]:
             assert parts[-4] == block and parts[-1] in projections, name
             found.append(head)
     return found
+
+
+def test_w8a16_is_refused_for_moe_and_for_4bit_only_options(tmp_path, tiny_model_factory):
+    """8-bit weight-only MoE experts have no plugin kernel; GPTQ and the activation-aware search
+    are written for 4-bit grids."""
+    with pytest.raises(ValueError, match="MoE model.*dense models only.*w4a16 or w8a8-dynamic"):
+        make_quantized_checkpoint(tiny_model_factory("qwen3-moe"), tmp_path / "out", "w8a16")
+    source = tiny_model_factory("llama")
+    with pytest.raises(ValueError, match="GPTQ is written for the 4-bit schemes only"):
+        make_quantized_checkpoint(source, tmp_path / "out", "w8a16", gptq=True)
+    with pytest.raises(ValueError, match="activation-aware scaling is written for the 4-bit"):
+        make_quantized_checkpoint(source, tmp_path / "out", "w8a16", activation_aware=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
@@ -675,21 +688,22 @@ def per_weight_step(written: dict, linear: str, scheme: str, shape) -> torch.Ten
     return scale.repeat_interleave(k // scale.shape[0], dim=0).t()
 
 
-@pytest.mark.parametrize("scheme", ["w4a16", "w4a16-asym"])
+@pytest.mark.parametrize("scheme", ["w4a16", "w4a16-asym", "w8a16"])
 def test_w4a16_config_is_what_compressed_tensors_writes(quantized, scheme):
     import compressed_tensors
     from compressed_tensors.quantization import QuantizationConfig
 
     folder = quantized("llama", scheme)
     written = quantization_config(folder)
-    symmetric = scheme == "w4a16"
+    symmetric = scheme != "w4a16-asym"
     assert written["format"] == "pack-quantized"
     assert written["quantization_status"] == "compressed"
     assert written["ignore"] == ["lm_head"]
     group = written["config_groups"]["group_0"]
     assert group["targets"] == ["Linear"] and group["format"] == "pack-quantized"
     assert group["input_activations"] is None and group["output_activations"] is None
-    expected = dict(num_bits=4, type="int", strategy="group", group_size=TINY_GROUP,
+    expected = dict(num_bits=8 if scheme == "w8a16" else 4, type="int", strategy="group",
+                    group_size=TINY_GROUP,
                     symmetric=symmetric, dynamic=False, actorder=None,
                     zp_dtype=None if symmetric else "torch.int8")  # fmt: skip
     assert expected.items() <= group["weights"].items()

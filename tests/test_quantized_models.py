@@ -52,6 +52,7 @@ SCHEME_OPS = {
     "gptq-act-order": (*WNA16, "wna16_gemm"),
     "awq": (*WNA16, "wna16_gemm"),
     "w4a16-asym": (*WNA16, "wna16_gemm"),
+    "w8a16": (*WNA16, "w8a16_gemm"),
 }
 
 
@@ -133,14 +134,17 @@ def test_w8a8_models_match_fake_quantized_transformers(arch, scheme, in_tree, co
         # compressed-tensors W4A16 with zero points (Qwen2: qkv bias); symmetric W4A16 layers
         # are checked in tests/test_wna16_layer.py.
         ("qwen2", "w4a16-asym", False),
+        # 8-bit weight-only (compressed-tensors W8A16): w8a16_gemm.
+        ("llama", "w8a16", False),
     ],
 )
-def test_weight_only_4bit_models_match_dequantized_transformers(
+def test_weight_only_models_match_dequantized_transformers(
     arch, scheme, compiled, quantized_model, tmp_path
 ):
-    """Weight-only checkpoints in float32 (GPTQ and AWQ too, though their files are fp16): the
-    reference is transformers on the dequantized weights, with no activation quantization. The
-    in-tree comparison is below, in bf16 (vLLM's CPU wNa16 GEMM takes no float32)."""
+    """Weight-only checkpoints (4-bit, 8-bit) in float32 (GPTQ and AWQ too, though their files
+    are fp16): the reference is transformers on the dequantized weights, with no activation
+    quantization. The in-tree comparison is below, in bf16 (vLLM's CPU wNa16 GEMM takes no
+    float32)."""
     model = quantized_model(arch, scheme)
     check_quantized(model, scheme, tmp_path, in_tree=False, enforce_eager=not compiled)
 

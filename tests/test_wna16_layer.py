@@ -1,10 +1,10 @@
-"""The plugin's weight-only 4-bit linear kernel (vllm_kunlun.quantization.wna16_linear) on layers
-built by vLLM's own methods, without an engine: GPTQ (`AutoGPTQLinearMethod`'s parameters,
-through the plugin's KunlunGPTQLinearMethod), AWQ (KunlunAWQLinearMethod, vLLM's AWQ
-conversion) and compressed-tensors W4A16 (`CompressedTensorsWNA16`, symmetric and with zero
-points). Each layer is filled with random 4-bit values packed here the way each format packs
-them, and must give the plain formula x @ ((q - z) * s) in float64. The engine tests are in
-tests/test_quantized_models.py."""
+"""The plugin's weight-only linear kernel (vllm_kunlun.quantization.wna16_linear) on layers built
+by vLLM's own methods, without an engine: GPTQ (`AutoGPTQLinearMethod`'s parameters, through
+the plugin's KunlunGPTQLinearMethod; 4-bit, act-order, and 8-bit), AWQ (KunlunAWQLinearMethod,
+vLLM's AWQ conversion) and compressed-tensors W4A16 and W8A16 (`CompressedTensorsWNA16`,
+symmetric and with zero points). Each layer is filled with random values packed here the way
+each format packs them, and must give the plain formula x @ ((q - z) * s) in float64. The
+engine tests are in tests/test_quantized_models.py."""
 
 import pytest
 import torch
@@ -174,8 +174,10 @@ def test_can_implement_names_what_it_cannot_do(monkeypatch):
     assert KunlunWNA16LinearKernel.can_implement(config()) == (True, None)
     with_zeros = config(zero_points=True, weight_type=scalar_types.uint4)
     assert KunlunWNA16LinearKernel.can_implement(with_zeros) == (True, None)
+    eight_bit = config(weight_type=scalar_types.uint8b128, partition_weight_shape=(64, 20))
+    assert KunlunWNA16LinearKernel.can_implement(eight_bit) == (True, None)  # bytes: no packing
     for changes, says in [
-        (dict(weight_type=scalar_types.uint8b128), "4-bit weights only"),
+        (dict(weight_type=scalar_types.uint2b2), "4-bit and 8-bit weights only"),
         (dict(partition_weight_shape=(64, 20)), "20 output channels per partition"),
         (dict(partition_weight_shape=(48, 32)), "(48) is not a multiple of the group size (32)"),
     ]:
@@ -258,3 +260,68 @@ def test_gptq_act_order_refuses_a_split_input_dimension():
             nn.Module(), input_size_per_partition=32, output_partition_sizes=[16], input_size=64,
             output_size=16, params_dtype=torch.float32, weight_loader=None,
         )  # fmt: skip
+
+
+# 8-bit weights (GPTQ 8-bit, compressed-tensors W8A16) ------------------------------------------
+
+
+def build_8bit(fmt: str, depth: int, channels: int, group_size: int, dtype: torch.dtype):
+    """A GPTQ 8-bit (symmetric, stored q + 128) or compressed-tensors W8A16 layer (symmetric, or
+    with zero points for "w8a16-asym"), four values to an int32 word as the formats pack them,
+    and the (q [K, N], scales [G, N], zeros [G, N]) it holds."""
+    g = torch.Generator().manual_seed(3)
+    groups = depth // group_size if group_size != -1 else 1
+    q = torch.randint(0, 256, (depth, channels), generator=g)
+    q[0, :4] = torch.tensor([0, 255, 128, 127])
+    scales = torch.rand(groups, channels, generator=g) * 0.002 + 0.0001
+    asymmetric = fmt == "w8a16-asym"
+    zeros = (torch.randint(0, 256, (groups, channels), generator=g) if asymmetric
+             else torch.full((groups, channels), 128))  # fmt: skip
+
+    def pack_bytes(values: torch.Tensor) -> torch.Tensor:  # [..., 4m] -> int32 [..., m]
+        words = values.long().unflatten(-1, (-1, 4))
+        packed = sum(words[..., i] << (8 * i) for i in range(4))
+        return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+
+    layer = nn.Module()
+    sizes = dict(input_size_per_partition=depth, output_partition_sizes=[channels],
+                 input_size=depth, output_size=channels, params_dtype=dtype)  # fmt: skip
+    if fmt == "gptq-8bit":
+        method = KunlunGPTQLinearMethod(KunlunGPTQConfig(8, group_size, False, True, False, {}, {}))
+        method.create_weights(layer, **sizes, weight_loader=None)
+        layer.qweight.data = pack_bytes(q.t()).t().contiguous()  # [K/4, N]
+        layer.qzeros.data = pack_bytes(zeros - 1)  # v1 stores zero - 1 (ignored: symmetric)
+        layer.scales.data = scales.to(dtype)
+    else:
+        strategy = "group" if group_size != -1 else "channel"
+        method = CompressedTensorsWNA16(strategy, 8, group_size if group_size != -1 else None,
+                                        symmetric=not asymmetric, layer_name="layer")  # fmt: skip
+        method.create_weights(layer, weight_loader=None, **sizes)
+        layer.weight_packed.data = pack_bytes(q.t())  # [N, K/4]
+        layer.weight_scale.data = scales.t().contiguous().to(dtype)  # [N, G]
+        if asymmetric:
+            layer.weight_zero_point.data = pack_bytes(zeros).t().contiguous()  # [N/4, G]
+    layer.bias = None
+    method.process_weights_after_loading(layer)
+    return layer, method, (q, scales.to(dtype), zeros)
+
+
+@pytest.mark.parametrize("fmt", ["gptq-8bit", "w8a16", "w8a16-asym"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_8bit_output_is_the_dequantized_formula(fmt, case, dtype, reference_ops):
+    depth, channels, group_size = CASES[case]
+    layer, method, (q, scales, zeros) = build_8bit(fmt, depth, channels, group_size, dtype)
+    kernel = method.kernel
+    weight, held_zeros = getattr(layer, kernel.w_q_name), layer.kunlun_w4_zeros
+    assert weight.dtype == held_zeros.dtype == torch.uint8  # one byte a value, [K, N]
+    assert torch.equal(weight.long(), q) and torch.equal(held_zeros.long(), zeros)
+    x = torch.randn(2, 3, depth, generator=torch.Generator().manual_seed(1)).to(dtype)
+    before = stats.snapshot()
+    out = forward(method, layer, x)
+    assert stats.snapshot().get("w8a16_gemm", 0) == before.get("w8a16_gemm", 0) + 1
+    assert kernel.ops_used == ("w8a16_gemm",)
+    assert out.shape == (2, 3, channels) and out.dtype == dtype
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
+    torch.testing.assert_close(out.double(), plain_wna16(x, q, scales, zeros), rtol=tolerance,
+                               atol=tolerance)  # fmt: skip

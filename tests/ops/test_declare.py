@@ -273,6 +273,16 @@ def op_samples() -> dict[str, tuple]:
             (torch.rand(2, 40) + 0.01).to(torch.bfloat16),
             pack_int4(torch.randint(0, 16, (2, 40))),
         ),  # fmt: skip
+        # 3 tokens of 64 -> 37 channels, uint8 weights in 2 groups, scales in another dtype
+        # than x, act-order, bias
+        "w8a16_gemm": (
+            torch.randn(3, 64),
+            torch.randint(0, 256, (64, 37), dtype=torch.uint8),
+            (torch.rand(2, 37) * 0.002 + 0.0002).to(torch.bfloat16),
+            torch.randint(0, 256, (2, 37), dtype=torch.uint8),
+            torch.randperm(64),
+            torch.randn(37),
+        ),  # fmt: skip
     }
 
 
@@ -298,6 +308,7 @@ OPCHECK_CASES = [
     "int8_scaled_mm",
     "wna16_gemm",
     "wna16_dequant",
+    "w8a16_gemm",
 ]
 
 

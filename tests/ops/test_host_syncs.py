@@ -11,7 +11,8 @@ from vllm_kunlun.ops.check.syncs import HostSyncCounter
 from vllm_kunlun.ops.provider import Provider, declared_ops
 
 ZERO_SYNC_OPS = ("reshape_and_cache", "decode_attention", "int8_quant_per_token",
-                 "int8_quant_static", "int8_scaled_mm", "wna16_gemm", "wna16_dequant")  # fmt: skip
+                 "int8_quant_static", "int8_scaled_mm", "wna16_gemm", "wna16_dequant",
+                 "w8a16_gemm")  # fmt: skip
 
 
 def test_the_counter_sees_each_kind_of_host_sync():

@@ -60,6 +60,9 @@ The schemes:
                         rounds back to GPTQ's integers). vLLM 0.32 loads both with
                         CompressedTensorsWNA16. The routed experts of MoE models are always
                         rounded to nearest (below)
+    w8a16               the same format with 8-bit weights (LLM Compressor's W8A16 preset with
+                        groups): `weight_packed` int32 [N, K/4], four values a word; dense
+                        models only (8-bit MoE experts have no plugin kernel)
     gptq                AutoGPTQ / GPTQModel's v1 format, symmetric, desc_act false
     gptq-act-order      the same with desc_act true: input channels grouped in decreasing
                         order of the Hessian diagonal (sum of x^2 on the calibration text), as
@@ -326,6 +329,12 @@ _RECIPES: dict[str, _Recipe] = {
         format="pack-quantized",
         weights=dict(num_bits=4, type="int", strategy="group", symmetric=False, dynamic=False),
     ),
+    "w8a16": _Recipe(
+        "int8 weights per group (symmetric), activations unquantized "
+        "(compressed-tensors pack-quantized; dense models)",
+        format="pack-quantized",
+        weights=dict(num_bits=8, type="int", strategy="group", symmetric=True, dynamic=False),
+    ),
 }  # fmt: skip
 
 
@@ -382,6 +391,12 @@ def _recipe(scheme: str) -> _Recipe:
 def _grouped(scheme: str) -> bool:
     """Whether the scheme's weights are quantized per group (a group size is chosen)."""
     return scheme in _TOOL_FORMATS or _RECIPES[scheme].grouped
+
+
+def _four_bit(scheme: str) -> bool:
+    """Whether the scheme's weights are 4-bit (GPTQ and the activation-aware search are
+    written for them)."""
+    return scheme in _TOOL_FORMATS or _RECIPES[scheme].weights["num_bits"] == 4
 
 
 #: A routed expert's weight as transformers saves it (per expert, 2-D).
@@ -558,9 +573,9 @@ def _weights_method(gptq: bool, activation_aware: bool) -> str:
 def _check_weights_method(scheme: str, gptq: bool, activation_aware: bool) -> None:
     if gptq and activation_aware:
         raise ValueError("choose one of GPTQ and activation-aware scaling, not both")
-    if gptq and not _grouped(scheme):
+    if gptq and not _four_bit(scheme):
         raise ValueError(f"GPTQ is written for the 4-bit schemes only, not {scheme!r}")
-    if activation_aware and not _grouped(scheme):
+    if activation_aware and not _four_bit(scheme):
         raise ValueError(
             f"activation-aware scaling is written for the 4-bit schemes only, not {scheme!r}"
         )
@@ -776,6 +791,12 @@ def _refuse_for_moe(source: Path, scheme: str) -> None:
             )
         return
     recipe = _RECIPES[scheme]
+    eight_bit_weight_only = recipe.weights["num_bits"] == 8 and recipe.input_activations is None
+    if eight_bit_weight_only and _moe_ignore(_tensor_names(source)):
+        raise ValueError(
+            f"{source} is an MoE model: scheme {scheme!r} is written for dense models only "
+            "(8-bit weight-only MoE experts have no plugin kernel); use w4a16 or w8a8-dynamic"
+        )
     inputs = recipe.input_activations
     dynamic_token = inputs is not None and inputs["dynamic"] and inputs["strategy"] == "token"
     weight_only = inputs is None

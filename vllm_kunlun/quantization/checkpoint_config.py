@@ -18,10 +18,10 @@ SUPPORTED_FORMATS = ("int-quantized", "pack-quantized")
 SUPPORTED = (
     "compressed-tensors W8A8 int8 (format int-quantized: int8 symmetric weights per channel or "
     "per tensor, int8 activations dynamic per token and symmetric, or static per tensor; MoE "
-    "experts per channel with dynamic activations), compressed-tensors W4A16 (format "
-    "pack-quantized: 4-bit weights per group or channel, dense and MoE), and for dense models "
-    "GPTQ (4-bit, symmetric; act-order with --tensor-parallel-size 1) and AWQ (4-bit, version "
-    "gemm); make one with "
+    "experts per channel with dynamic activations), compressed-tensors W4A16 and W8A16 (format "
+    "pack-quantized: 4-bit or 8-bit weights per group or channel; MoE experts 4-bit), and for "
+    "dense models GPTQ (4-bit or 8-bit, symmetric; act-order with --tensor-parallel-size 1) and "
+    "AWQ (4-bit, version gemm); make one with "
     "`vllm-kunlun quantize` (docs/quantization.md)"
 )
 #: GPTQ / AWQ names the checkpoint's quant_method has, by the plugin's method name.
@@ -102,12 +102,19 @@ def _is_moe(hf_config: object) -> bool:
 
 
 def _check_weight_only(group: str, spec: Mapping[str, Any], hf_config: object) -> None:
-    """4-bit weights, no activation quantization (format pack-quantized)."""
+    """4-bit or 8-bit weights (4-bit for MoE experts), no activation quantization (format
+    pack-quantized)."""
     weights = spec.get("weights") or {}
-    if weights.get("type", "int") != "int" or weights.get("num_bits") != 4:
+    bits = weights.get("num_bits")
+    if weights.get("type", "int") != "int" or bits not in (4, 8):
         raise refuse(
             f"config group {group!r}: pack-quantized weights of type {weights.get('type')!r} with "
-            f"{weights.get('num_bits')} bits (4-bit int weights are supported)"
+            f"{bits} bits (4-bit and 8-bit int weights are supported)"
+        )
+    if bits == 8 and hf_config is not None and _is_moe(hf_config):
+        raise refuse(
+            f"config group {group!r}: an MoE model with 8-bit weight-only experts (MoE experts "
+            "run 4-bit weight-only or W8A8 int8)"
         )
     if spec.get("input_activations"):
         raise refuse(f"config group {group!r}: pack-quantized weights with quantized activations")
@@ -179,8 +186,9 @@ def check_gptq_awq(
     gemm; dense models, the LM head unquantized."""
     name = CHECKPOINT_METHODS[method].upper()
     bits = config.get("bits", config.get("w_bit"))
-    if bits != 4:
-        raise refuse(f"{name} with {bits}-bit weights (4-bit weights are supported)")
+    if bits not in ((4, 8) if method == "kunlun_gptq" else (4,)):
+        supported = "4-bit and 8-bit" if method == "kunlun_gptq" else "4-bit"
+        raise refuse(f"{name} with {bits}-bit weights ({supported} weights are supported)")
     if hf_config is not None and _is_moe(hf_config):
         raise refuse(f"a {name} MoE model: its experts")
     if config.get("lm_head"):
@@ -225,13 +233,15 @@ def _check_moe(groups: Mapping[str, Any]) -> None:
             )
 
 
-def _pack_group_size(config: Mapping[str, Any]) -> int:
-    """The config's pack-quantized group size (-1: one group per output channel)."""
+def _pack_group_size_and_bits(config: Mapping[str, Any]) -> tuple[int, int]:
+    """The config's pack-quantized group size (-1: one group per output channel) and bits."""
+    group_size, bits = -1, 4
     for group in (config.get("config_groups") or {}).values():
         weights = group.get("weights") or {}
+        bits = int(weights.get("num_bits") or bits)
         if weights.get("strategy") == "group":
-            return int(weights.get("group_size") or -1)
-    return -1
+            group_size = int(weights.get("group_size") or -1)
+    return group_size, bits
 
 
 def _static_activations(config: Mapping[str, Any]) -> tuple[bool, bool]:
@@ -275,9 +285,10 @@ def check_quantization(
     if method in CHECKPOINT_METHODS:
         group_size = int(config.get("group_size", config.get("q_group_size", -1)))
         checkpoint_tensors.check_gptq_awq_tensors(
-            folder, CHECKPOINT_METHODS[method], group_size, _act_order(config)
-        )
+            folder, CHECKPOINT_METHODS[method], group_size, _act_order(config),
+            int(config.get("bits", config.get("w_bit", 4))),
+        )  # fmt: skip
     elif config.get("format") == "pack-quantized":
-        checkpoint_tensors.check_pack_quantized_tensors(folder, _pack_group_size(config))
+        checkpoint_tensors.check_pack_quantized_tensors(folder, *_pack_group_size_and_bits(config))
     else:
         checkpoint_tensors.check_int8_tensors(folder, *_static_activations(config))

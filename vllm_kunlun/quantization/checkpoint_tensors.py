@@ -108,18 +108,21 @@ def _groups(depth: int, group_size: int, name: str, folder: Path) -> int:
 
 
 def check_gptq_awq_tensors(
-    folder: Path, kind: str, group_size: int, act_order: bool = False
+    folder: Path, kind: str, group_size: int, act_order: bool = False, bits: int = 4
 ) -> None:
-    """Every 4-bit layer of a GPTQ (`qweight` [K / 8, N] packed along K) or AWQ (`qweight`
-    [K, N / 8] packed along N, `qzeros` [G, N / 8]) checkpoint has int32 packed tensors and
-    float `scales` [G, N] for the config's group size; with GPTQ act-order, a `g_idx` [K]."""
+    """Every quantized layer of a GPTQ (`qweight` [K / p, N] packed along K, p = 32 / bits) or
+    AWQ (4-bit: `qweight` [K, N / 8] packed along N, `qzeros` [G, N / 8]) checkpoint has int32
+    packed tensors and float `scales` [G, N] for the config's group size; with GPTQ
+    act-order, a `g_idx` [K]."""
+    pack = 32 // bits
     tensors = read_headers(folder)
     modules = sorted(name[: -len(".qweight")] for name in tensors if name.endswith(".qweight"))
     if tensors and not modules:
         raise corrupt(f"no tensor is {kind.upper()}-quantized (no *.qweight)", folder)
     for module in modules:
-        rows, cols = _shape(tensors, module + ".qweight", folder, PACKED, "packed 4-bit weight")
-        depth, channels = (rows * PACK, cols) if kind == "gptq" else (rows, cols * PACK)
+        rows, cols = _shape(tensors, module + ".qweight", folder, PACKED,
+                            f"packed {bits}-bit weight")  # fmt: skip
+        depth, channels = (rows * pack, cols) if kind == "gptq" else (rows, cols * PACK)
         groups = _groups(depth, group_size, module + ".qweight", folder)
         why = f"K {depth}, N {channels}, group size {group_size}"
         scales = _shape(tensors, module + ".scales", folder, FLOATS, "group scales")
@@ -137,9 +140,11 @@ def check_gptq_awq_tensors(
                               f"integer [{depth}] (K)", folder)  # fmt: skip
 
 
-def check_pack_quantized_tensors(folder: Path, group_size: int) -> None:
+def check_pack_quantized_tensors(folder: Path, group_size: int, bits: int = 4) -> None:
     """Every layer of a compressed-tensors pack-quantized checkpoint has `weight_packed` int32
-    [N, K / 8] and `weight_scale` [N, G] for the config's group size."""
+    [N, K / p] (p = 32 / bits values a word) and `weight_scale` [N, G] for the config's group
+    size."""
+    pack = 32 // bits
     tensors = read_headers(folder)
     modules = sorted(name[: -len(".weight_packed")] for name in tensors
                      if name.endswith(".weight_packed"))  # fmt: skip
@@ -147,8 +152,8 @@ def check_pack_quantized_tensors(folder: Path, group_size: int) -> None:
         raise corrupt("no tensor is pack-quantized (no *.weight_packed)", folder)
     for module in modules:
         channels, words = _shape(tensors, module + ".weight_packed", folder, PACKED,
-                                 "packed 4-bit weight")  # fmt: skip
-        depth = words * PACK
+                                 f"packed {bits}-bit weight")  # fmt: skip
+        depth = words * pack
         groups = _groups(depth, group_size, module + ".weight_packed", folder)
         scales = _shape(tensors, module + SCALE, folder, FLOATS, "group scales")
         why = f"K {depth}, N {channels}, group size {group_size}"

@@ -1,4 +1,4 @@
-"""Weight-only int4 linear layers (wNa16) through the plugin's `quant` ops.
+"""Weight-only 4-bit and 8-bit linear layers (wNa16, W8A16) through the plugin's `quant` ops.
 
 vLLM's weight-only methods (compressed-tensors `pack-quantized`, GPTQ, AWQ) create the layer's
 parameters in their checkpoint's layout and ask vLLM's mixed-precision kernel list for a
@@ -8,12 +8,14 @@ input dimension K (`input_dim` / `packed_dim` say which tensor axis that is: GPT
 compressed-tensors [N, K / 8]; AWQ is converted to it by vLLM's AWQ method), group scales
 (`output_dim` says whether they are [G, N] or [N, G]), and for asymmetric types (`uint4`)
 zero points packed along N. Symmetric types (`uint4b8`: value + 8) have the implicit zero
-point 8.
+point 8. 8-bit weights (GPTQ 8-bit `uint8b128`, compressed-tensors 8-bit `uint8`) arrive the
+same way, four values to a word.
 
 After loading, the weight, scales and zero points are rewritten once into the `quant` family's
 layout (vllm_kunlun/ops/quant/int4_layout.py: int32 [K, N / 8] packed along N, scales [G, N],
 zero points always present), which is what Kunlun's awq_gemm reads as it is. A forward is one
-plugin op, `wna16_gemm`.
+plugin op, `wna16_gemm`. 8-bit weights are kept as unsigned bytes [K, N] with uint8 zero points
+[G, N] (128 for symmetric types), and a forward is `w8a16_gemm`.
 
 GPTQ act-order: the plugin's GPTQ method adds `g_idx` [K] (gptq_awq.py), each input channel's
 group, in any order. The weight's rows are then sorted by group (stably), which makes every
@@ -37,8 +39,10 @@ from vllm_kunlun.ops import quant
 from vllm_kunlun.ops.quant.int4_layout import PACK, pack_int4
 from vllm_kunlun.quantization.checkpoint_config import on_kunlun_platform
 
-#: Weight types with a plugin kernel: 4-bit with an implicit zero point of 8, or with zero points.
-SUPPORTED_TYPES = (scalar_types.uint4b8, scalar_types.uint4)
+#: Weight types with a plugin kernel: 4-bit and 8-bit, with an implicit zero point (8, 128) or with
+#: zero points.
+SUPPORTED_TYPES = (scalar_types.uint4b8, scalar_types.uint4, scalar_types.uint8b128,
+                   scalar_types.uint8)  # fmt: skip
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ZEROS_NAME = "kunlun_w4_zeros"
 #: GPTQ act-order's group of each input channel (as loaded), and the sort kept from it.
@@ -52,9 +56,16 @@ def _input_major(tensor: torch.Tensor, input_axis: int | None) -> torch.Tensor:
 
 
 class KunlunWNA16LinearKernel(MPLinearKernel):
-    """int4 weights, float activations: `wna16_gemm`."""
+    """int4 weights, float activations: `wna16_gemm`; int8 weights: `w8a16_gemm`."""
 
-    ops_used = ("wna16_gemm",)
+    @property
+    def ops_used(self) -> tuple[str, ...]:
+        """The plugin op a forward runs, for the route report."""
+        return ("w8a16_gemm",) if self._eight_bit else ("wna16_gemm",)
+
+    @property
+    def _eight_bit(self) -> bool:
+        return self.config.weight_type.size_bits == 8
 
     @classmethod
     def get_min_capability(cls) -> int:
@@ -65,11 +76,14 @@ class KunlunWNA16LinearKernel(MPLinearKernel):
         if not on_kunlun_platform():
             return False, "needs a Kunlun platform (vllm-kunlun)"
         if c.weight_type not in SUPPORTED_TYPES:
-            return False, f"weight type {c.weight_type} (4-bit weights only: uint4b8, uint4)"
+            return False, (
+                f"weight type {c.weight_type} (4-bit and 8-bit weights only: uint4b8, uint4, "
+                "uint8b128, uint8)"
+            )
         if c.act_type not in ACT_DTYPES:
             return False, f"activation dtype {c.act_type}"
         depth, channels = c.partition_weight_shape
-        if channels % PACK:
+        if c.weight_type.size_bits == 4 and channels % PACK:
             return False, f"{channels} output channels per partition: not a multiple of {PACK}"
         if c.group_size not in (-1, 0) and depth % c.group_size:
             return False, (
@@ -92,7 +106,7 @@ class KunlunWNA16LinearKernel(MPLinearKernel):
             )
             zero_values = _input_major(zero_values, 1 - zeros.output_dim)
         else:
-            bias = self.config.weight_type.bias  # uint4b8: stored value = q + 8
+            bias = self.config.weight_type.bias  # uint4b8 / uint8b128: stored q + 8 / q + 128
             zero_values = torch.full_like(scales_kn, bias, dtype=torch.int32)
         groups, depth = scales_kn.shape[0], values.shape[0]
         if depth % groups:
@@ -108,12 +122,13 @@ class KunlunWNA16LinearKernel(MPLinearKernel):
             layer.register_parameter(
                 INPUT_ORDER_NAME, torch.nn.Parameter(order, requires_grad=False)
             )
-        replace_parameter(layer, self.w_q_name, pack_int4(values).contiguous())
+        store = _as_bytes if self._eight_bit else pack_int4
+        replace_parameter(layer, self.w_q_name, store(values).contiguous())
         replace_parameter(layer, self.w_s_name, scales_kn.to(self.config.act_type))
         if self.w_zp_name is not None and hasattr(layer, self.w_zp_name):
             delattr(layer, self.w_zp_name)
         layer.register_parameter(
-            ZEROS_NAME, torch.nn.Parameter(pack_int4(zero_values), requires_grad=False)
+            ZEROS_NAME, torch.nn.Parameter(store(zero_values).contiguous(), requires_grad=False)
         )
 
     def apply_weights(
@@ -121,7 +136,13 @@ class KunlunWNA16LinearKernel(MPLinearKernel):
     ) -> torch.Tensor:
         weight, scales = getattr(layer, self.w_q_name), getattr(layer, self.w_s_name)
         order = getattr(layer, INPUT_ORDER_NAME, None)
-        return quant.wna16_gemm(x, weight, scales, getattr(layer, ZEROS_NAME), order, bias)
+        gemm = quant.w8a16_gemm if self._eight_bit else quant.wna16_gemm
+        return gemm(x, weight, scales, getattr(layer, ZEROS_NAME), order, bias)
+
+
+def _as_bytes(values: torch.Tensor) -> torch.Tensor:
+    """Unsigned 8-bit values (int32, 0..255) as uint8: the W8A16 op's layout."""
+    return values.to(torch.uint8)
 
 
 def _group_order(group_index: torch.Tensor, groups: int) -> torch.Tensor:

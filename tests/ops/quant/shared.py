@@ -161,15 +161,28 @@ def wna16_inputs(shape: tuple[int, ...], channels: int, groups: int, dtype: torc
                  bias: bool = True, ordered: bool = False, strided_x: bool = False,
                  **operands):  # fmt: skip
     """wna16_gemm's arguments: x [*shape], w_packed, scales, zeros, input_order, bias."""
+    operands = int4_operands(shape[-1], channels, groups, dtype, **operands)
+    return _weight_only_gemm_inputs(shape, channels, dtype, operands, bias, ordered, strided_x)
+
+
+def _weight_only_gemm_inputs(
+    shape: tuple[int, ...],
+    channels: int,
+    dtype: torch.dtype,
+    operands: tuple,
+    bias: bool,
+    ordered: bool,
+    strided_x: bool,
+):
+    """(x [*shape], *operands, input_order, bias) for a weight-only GEMM."""
     depth = shape[-1]
     if strided_x:
         x = torch.randn(*shape[:-1], depth + 8).to(dtype)[..., 8:]
     else:
         x = torch.randn(shape).to(dtype)
-    w_packed, scales, zeros = int4_operands(depth, channels, groups, dtype, **operands)
     order = torch.randperm(depth) if ordered else None
     b = torch.randn(channels).to(dtype) if bias else None
-    return x, w_packed, scales, zeros, order, b
+    return x, *operands, order, b
 
 
 #: wna16_gemm shapes: x's shape, channels (N), groups (G), wna16_inputs options.
@@ -184,4 +197,79 @@ WNA16_CASES = {
     "strided x, no bias": ((7, 96), 40, 3, {"strided_x": True, "bias": False}),
     "3-D x, input_order": ((2, 3, 64), 16, 2, {"ordered": True}),
     "strided packed weight": ((3, 64), 40, 4, {"strided": True}),
+}
+
+
+# Weight-only int8 (W8A16) ----------------------------------------------------------------------
+
+
+def plain_dequant_int8(w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+    """W [K, N] = (q - z[g]) * s[g] for the K / G rows of each group g, one group at a time,
+    in int64 and float64: exact ((q - z) has 9 bits, s at most 24)."""
+    depth, groups = w_q.shape[0], scales.shape[0]
+    size = depth // groups
+    w = torch.empty(depth, w_q.shape[1], dtype=torch.float64)
+    for g in range(groups):
+        rows = slice(g * size, (g + 1) * size)
+        w[rows] = (w_q[rows].long() - zeros[g].long()).double() * scales[g].double()
+    return w
+
+
+def plain_w8a16_gemm(x, w_q, scales, zeros, input_order, bias) -> torch.Tensor:
+    """x' @ W (+ bias) in float64, W rounded to x's dtype first (as the op specifies: a
+    dequantize-then-GEMM kernel multiplies x's dtype), where the op accumulates in float32."""
+    w = plain_dequant_int8(w_q, scales, zeros).to(x.dtype).double()
+    rows = x.double() if input_order is None else x.double()[..., input_order]
+    out = rows @ w
+    return out if bias is None else out + bias.to(x.dtype).double()
+
+
+def int8_operands(depth: int, channels: int, groups: int, dtype: torch.dtype,
+                  zero_points: str = "random", weights: str = "random",
+                  strided: bool = False):  # fmt: skip
+    """w_q uint8 [K, N], scales [G, N], zeros uint8 [G, N]. zero_points "random", "extremes"
+    (0 and 255: z[g, n] = 255 where n // 2 + g is odd) or "symmetric" (128); weights "random" or
+    "extremes" (q[k, n] = 255 where k + n is odd: with extreme zero points every pairing of
+    0 and 255, q - z = -255, 0 and 255); strided: column slices of tensors twice as wide."""
+    width = 2 * channels if strided else channels
+    rows, columns = torch.arange(depth).view(-1, 1), torch.arange(width)
+    extremes = (rows + columns) % 2 * 255
+    q = {"random": torch.randint(0, 256, (depth, width)), "extremes": extremes}[weights]
+    z = {
+        "random": torch.randint(0, 256, (groups, width)),
+        "extremes": (columns // 2 + torch.arange(groups).view(-1, 1)) % 2 * 255,
+        "symmetric": torch.full((groups, width), 128),
+    }[zero_points]
+    scales = (torch.rand(groups, width) * 0.002 + 0.0002).to(dtype)
+    w_q, zeros = q.to(torch.uint8), z.to(torch.uint8)
+    if strided:
+        return w_q[:, channels:], scales[:, channels:], zeros[:, channels:]
+    return w_q, scales, zeros
+
+
+def w8a16_inputs(shape: tuple[int, ...], channels: int, groups: int, dtype: torch.dtype,
+                 bias: bool = True, ordered: bool = False, strided_x: bool = False,
+                 **operands):  # fmt: skip
+    """w8a16_gemm's arguments: x [*shape], w_q, scales, zeros, input_order, bias."""
+    operands = int8_operands(shape[-1], channels, groups, dtype, **operands)
+    return _weight_only_gemm_inputs(shape, channels, dtype, operands, bias, ordered, strided_x)
+
+
+#: w8a16_gemm shapes: x's shape, channels (N), groups (G), w8a16_inputs options.
+W8A16_CASES = {
+    "1x1x1": ((1, 1), 1, 1, {}),
+    "1 token, N 37, K 96 in 3 groups": ((1, 96), 37, 3, {}),
+    "one group (per channel), K 120, no bias": ((5, 120), 24, 1, {"bias": False}),
+    "groups of 1 row": ((3, 24), 37, 24, {}),
+    "zero points and weights 0 and 255": (
+        (4, 64),
+        40,
+        2,
+        {"zero_points": "extremes", "weights": "extremes"},
+    ),  # fmt: skip
+    "symmetric (zero point 128), K 200": ((2, 200), 16, 4, {"zero_points": "symmetric"}),
+    "input_order, N 37": ((6, 96), 37, 3, {"ordered": True}),
+    "strided x, no bias": ((7, 96), 40, 3, {"strided_x": True, "bias": False}),
+    "3-D x, input_order": ((2, 3, 64), 16, 2, {"ordered": True}),
+    "strided weight": ((3, 64), 40, 4, {"strided": True}),
 }

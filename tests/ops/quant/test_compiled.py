@@ -2,7 +2,8 @@
 GEMM on torch._int_mm gives bitwise the reference's result (both accumulate exactly and share
 the float32 epilogue); other devices and a torch without _int_mm run the reference. The int4
 (wNa16) dequantization from bytes gives bitwise the reference's weights and GEMM results; other
-devices and a big-endian host run the reference."""
+devices and a big-endian host run the reference. The int8 weight-only GEMM (W8A16) has no fast
+path: the provider runs the reference."""
 
 import pytest
 import torch
@@ -110,6 +111,13 @@ def test_wna16_other_devices_run_the_reference():
     assert not compiled.takes_int4(w_packed.to("meta"))
     got = compiled.wna16_dequant(w_packed.to("meta"), scales.to("meta"), zeros.to("meta"))
     assert got.device.type == "meta" and got.shape == (64, 16)
+
+
+def test_w8a16_has_no_fast_path_and_runs_the_reference():
+    kernels = Provider("compiled")
+    assert kernels.w8a16_gemm is reference.w8a16_gemm
+    assert kernels.sources["w8a16_gemm"] == "quant.reference"
+    assert not hasattr(compiled, "w8a16_gemm")
 
 
 def test_wna16_refuses_k_not_a_multiple_of_the_groups():

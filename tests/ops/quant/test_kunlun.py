@@ -2,8 +2,9 @@
 recorded kunlun_ops API (KUNLUN.md §2g), through the stand-in library (tests/standin): every call
 is checked against the recorded contract (keyword forms, int8 operands, float32 absmax and bias,
 int32 packed int4 words, fp16 int4 outputs, contiguity, preallocated outputs) and must give the
-reference kernels' results (the int4 ops within the fp16 weights' rounding). This is all the
-verification the binding has until it runs on a Kunlun XPU."""
+reference kernels' results (the int4 ops within the fp16 weights' rounding). The int8
+weight-only GEMM (W8A16) has no recorded kernel: it is the reference function and calls none.
+This is all the verification the binding has until it runs on a Kunlun XPU."""
 
 import pytest
 import torch
@@ -11,12 +12,15 @@ import torch
 from tests.ops.helpers import DTYPES, assert_close_to, standin_calls
 from tests.ops.quant.shared import (
     MM_CASES,
+    W8A16_CASES,
     WNA16_CASES,
     int4_operands,
+    int8_operands,
     mm_inputs,
     plain_dequant,
     plain_pack,
     ties,
+    w8a16_inputs,
     wna16_inputs,
 )
 from vllm_kunlun.ops.provider import Provider
@@ -73,6 +77,8 @@ def test_the_quant_ops_are_bound_or_name_the_reference(kunlun):
     assert kunlun.sources["wna16_dequant"] == "quant.kunlun"
     # no recorded kunlun_ops kernel (only xspeedgate_ops.static_scaled_int8_quant)
     assert kunlun.sources["int8_quant_static"] == "quant.reference"
+    # no recorded kunlun_ops kernel takes 8-bit weights (awq_gemm / awq_dequantize are 4-bit)
+    assert kunlun.sources["w8a16_gemm"] == "quant.reference"
 
 
 # Per-token quantization: quant2d -------------------------------------------------------------
@@ -336,6 +342,36 @@ def test_int4_refuses_k_not_a_multiple_of_the_groups(kunlun):
     x = torch.randn(2, 100).half()
     with pytest.raises(ValueError, match="is not a multiple of the number of groups"):
         kunlun.wna16_gemm(x, w_packed, scales.expand(3, 16), zeros.expand(3, 2), None, None)
+    assert standin_calls() == {}
+
+
+# Weight-only int8 (W8A16): the reference on the XPU -----------------------------------------------
+
+
+def test_w8a16_is_the_reference_function():
+    assert quant_kunlun.w8a16_gemm is reference.w8a16_gemm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", W8A16_CASES.values(), ids=W8A16_CASES.keys())
+def test_w8a16_runs_the_reference_and_no_kunlun_kernel(kunlun, dtype, case):
+    shape, channels, groups, options = case
+    args = w8a16_inputs(shape, channels, groups, dtype, **options)
+    got = kunlun.w8a16_gemm(*args)
+    assert got.dtype == dtype and got.is_contiguous() and got.shape == (*shape[:-1], channels)
+    assert torch.equal(got, reference.w8a16_gemm(*args))
+    assert standin_calls() == {}
+
+
+def test_w8a16_zero_tokens_and_refusals_call_no_kernel(kunlun):
+    out = kunlun.w8a16_gemm(*w8a16_inputs((0, 64), 16, 2, torch.float16, ordered=True))
+    assert out.shape == (0, 16) and out.dtype == torch.float16
+    w_q, scales, zeros = int8_operands(100, 16, 1, torch.float16)
+    x = torch.randn(2, 100).half()
+    with pytest.raises(ValueError, match="is not a multiple of the number of groups"):
+        kunlun.w8a16_gemm(x, w_q, scales.expand(3, 16), zeros.expand(3, 16), None, None)
+    with pytest.raises(ValueError, match="must be uint8"):
+        kunlun.w8a16_gemm(x, w_q.to(torch.int8), scales, zeros, None, None)
     assert standin_calls() == {}
 
 

@@ -1,10 +1,12 @@
 """The quantization family's reference kernels (vllm_kunlun/ops/quant/reference.py) against
 plain float64 / integer formulas (tests/ops/quant/shared.py): per-token and static int8
 quantization (rounding half to even, the clamp, zero rows, ties, the dequantization error) and
-the W8A8 GEMM (exact accumulation, zero points, per-tensor and per-token absmax, bias), and the
+the W8A8 GEMM (exact accumulation, zero points, per-tensor and per-token absmax, bias), the
 weight-only int4 ops (the packed layout, dequantization, the GEMM with input_order and bias, the
-shape refusals) across fp32/bf16/fp16 and awkward shapes; the custom ops' fake implementations;
-no host syncs; and check-kernels' comparison of quantized (integer) outputs."""
+shape refusals) and the weight-only int8 GEMM (W8A16: uint8 weights and zero points 0 to 255,
+group scales, input_order, bias, the shape and dtype refusals) across fp32/bf16/fp16 and awkward
+shapes; the custom ops' fake implementations; no host syncs; and check-kernels' comparison of
+quantized (integer) outputs."""
 
 import pytest
 import torch
@@ -14,19 +16,24 @@ from torch.library import opcheck
 from tests.ops.helpers import DTYPES, assert_close_to
 from tests.ops.quant.shared import (
     MM_CASES,
+    W8A16_CASES,
     WNA16_CASES,
     assert_quantized,
     int4_operands,
+    int8_operands,
     mm_inputs,
     plain_dequant,
+    plain_dequant_int8,
     plain_pack,
     plain_per_token,
     plain_scaled_mm,
     plain_static,
     plain_unpack,
+    plain_w8a16_gemm,
     plain_wna16_gemm,
     round_half_even,
     ties,
+    w8a16_inputs,
     wna16_inputs,
 )
 from vllm_kunlun.ops.check.runner import FAIL, PASS, cases_by_op, run_case
@@ -479,3 +486,171 @@ def test_wna16_custom_ops_run_the_reference(reference_ops):
     assert torch.equal(torch.ops.kunlun.wna16_dequant(*args[1:4]),
                        reference.wna16_dequant(*args[1:4]))  # fmt: skip
     assert declared_ops()["wna16_gemm"].family == "quant"
+
+
+# Weight-only int8 (W8A16) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", W8A16_CASES.values(), ids=W8A16_CASES.keys())
+def test_w8a16_gemm(dtype, case):
+    shape, channels, groups, options = case
+    args = w8a16_inputs(shape, channels, groups, dtype, **options)
+    got = reference.w8a16_gemm(*args)
+    assert got.is_contiguous() and got.shape == (*shape[:-1], channels)
+    assert_close_to(got, plain_w8a16_gemm(*args), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("groups", "operands"),
+    [
+        (3, {}),
+        (1, {"zero_points": "symmetric"}),
+        (4, {"zero_points": "extremes", "weights": "extremes"}),
+        (48, {"zero_points": "extremes"}),  # groups of 1 row
+    ],
+    ids=["3 groups", "one group, zero point 128", "0 and 255", "groups of 1 row"],
+)
+def test_w8a16_gemm_of_the_identity_is_the_weight_exactly(dtype, groups, operands):
+    """x = I: each output row is one weight row, exact in the float32 accumulator, so the
+    output is W itself: (q - z) * s computed in float32 (exact for 16-bit scales, rounded once
+    for float32 ones) and rounded to x's dtype. Catches a wrong group, zero point or sign."""
+    w_q, scales, zeros = int8_operands(48, 37, groups, dtype, **operands)
+    got = reference.w8a16_gemm(torch.eye(48).to(dtype), w_q, scales, zeros, None, None)
+    want = plain_dequant_int8(w_q, scales, zeros).float().to(dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_w8a16_extreme_weights_and_zero_points():
+    """q and z at 0 and 255: W = -255 s, 0 and 255 s, exact in bf16 with s = 0.5 and 0.25."""
+    w_q = torch.tensor([[0, 255, 0, 255], [0, 255, 255, 0]], dtype=torch.uint8)
+    zeros = torch.tensor([[255, 255, 0, 0], [0, 128, 255, 255]], dtype=torch.uint8)
+    scales = torch.tensor([[0.5] * 4, [0.25] * 4]).bfloat16()  # group 0: row 0, group 1: row 1
+    got = reference.w8a16_gemm(torch.eye(2).bfloat16(), w_q, scales, zeros, None, None)
+    want = [[-127.5, 0.0, 0.0, 127.5], [0.0, 31.75, 0.0, -63.75]]
+    assert got.tolist() == want
+
+
+@pytest.mark.parametrize("scales_dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_w8a16_gemm_scales_and_bias_dtypes_may_differ_from_x(dtype, scales_dtype):
+    x, w_q, scales, zeros, order, bias = w8a16_inputs((3, 96), 40, 3, dtype, ordered=True)
+    bias_dtype = next(d for d in DTYPES if d not in (dtype, scales_dtype))
+    args = (x, w_q, scales.float().to(scales_dtype), zeros, order, bias.float().to(bias_dtype))
+    got = reference.w8a16_gemm(*args)
+    assert_close_to(got, plain_w8a16_gemm(*args), dtype)
+
+
+def test_w8a16_gemm_input_order_permutes_x():
+    x, w_q, scales, zeros, order, bias = w8a16_inputs((2, 3, 64), 16, 4, torch.bfloat16,
+                                                      ordered=True)  # fmt: skip
+    got = reference.w8a16_gemm(x, w_q, scales, zeros, order, bias)
+    permuted = x[..., order].contiguous()
+    assert torch.equal(got, reference.w8a16_gemm(permuted, w_q, scales, zeros, None, bias))
+    unordered = reference.w8a16_gemm(x, w_q, scales, zeros, None, bias)
+    assert not torch.allclose(got.float(), unordered.float(), rtol=0.1, atol=0.1)
+    # x' = x[..., order], not its inverse: the last feature picks the first weight row
+    reverse = torch.arange(64).flip(0)
+    one_hot = torch.zeros(1, 64).bfloat16()
+    one_hot[0, 63] = 1.0
+    first_row = reference.w8a16_gemm(one_hot, w_q, scales, zeros, reverse, None)
+    want = plain_dequant_int8(w_q, scales, zeros)[0].float().bfloat16()
+    assert torch.equal(first_row[0], want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_w8a16_gemm_other_layouts(dtype):
+    """A transposed 3-D x, and a weight stored [N, K] and passed transposed."""
+    x = torch.randn(3, 2, 96).to(dtype).transpose(0, 1)
+    w_q, scales, zeros = int8_operands(96, 37, 3, dtype)
+    transposed = w_q.t().contiguous().t()
+    bias = torch.randn(37).to(dtype)
+    for args in ((x, w_q, scales, zeros, None, bias), (x, transposed, scales, zeros, None, None)):
+        got = reference.w8a16_gemm(*args)
+        assert got.is_contiguous() and got.shape == (2, 3, 37)
+        assert_close_to(got, plain_w8a16_gemm(*args), dtype)
+
+
+@pytest.mark.parametrize("groups", [3, 0])
+def test_w8a16_refuses_k_not_a_multiple_of_the_groups(groups):
+    w_q, scales, zeros = int8_operands(100, 16, 1, torch.float16)
+    scales, zeros = scales.expand(groups, 16), zeros.expand(groups, 16)
+    match = f"K = 100 .* is not a multiple of the number of groups G = {groups}"
+    with pytest.raises(ValueError, match=match):
+        reference.w8a16_gemm(torch.randn(2, 100).half(), w_q, scales, zeros, None, None)
+
+
+def test_w8a16_refuses_mismatched_shapes():
+    x, w_q, scales, zeros, _, _ = w8a16_inputs((2, 64), 16, 2, torch.float32)
+    bad = {
+        "scales and zeros must be \\[G, N\\] = \\[2, 16\\], got \\[2, 24\\] and \\[2, 16\\]": (
+            x, w_q, torch.ones(2, 24), zeros, None),
+        "got \\[2, 16\\] and \\[2, 8\\]": (x, w_q, scales, zeros[:, :8], None),
+        "got \\[2, 16\\] and \\[1, 16\\]": (x, w_q, scales, zeros[:1], None),
+        "x has 63 features, the weight K = 64": (x[:, :63], w_q, scales, zeros, None),
+        "input_order must be \\[K\\] = \\[64\\]": (x, w_q, scales, zeros, torch.arange(32)),
+    }  # fmt: skip
+    for match, args in bad.items():
+        with pytest.raises(ValueError, match=match):
+            reference.w8a16_gemm(*args, None)
+
+
+@pytest.mark.parametrize("operand", ["w_q", "zeros"])
+@pytest.mark.parametrize("wrong", [torch.int8, torch.int32])
+def test_w8a16_refuses_weights_and_zero_points_that_are_not_uint8(operand, wrong):
+    """int8 (signed, GPTQ's -128 .. 127) or int32 (wNa16's packed words) are another layout."""
+    x, w_q, scales, zeros, _, bias = w8a16_inputs((2, 64), 16, 2, torch.bfloat16)
+    w_q = w_q.to(wrong) if operand == "w_q" else w_q
+    zeros = zeros.to(wrong) if operand == "zeros" else zeros
+    with pytest.raises(ValueError, match=f"w_q and zeros must be uint8, got .*{wrong}"):
+        reference.w8a16_gemm(x, w_q, scales, zeros, None, bias)
+
+
+def test_w8a16_refuses_operands_that_are_not_2d():
+    """A per-channel scale given as [N] (not [1, N]) would otherwise read as N groups."""
+    x, w_q, scales, zeros, _, bias = w8a16_inputs((2, 64), 16, 1, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"scales must be 2-D, got \[16\]"):
+        reference.w8a16_gemm(x, w_q, scales[0], zeros, None, bias)
+    with pytest.raises(ValueError, match=r"w_q must be 2-D, got \[1, 64, 16\]"):
+        reference.w8a16_gemm(x, w_q[None], scales, zeros, None, bias)
+
+
+def test_w8a16_zero_tokens():
+    for shape in ((0, 64), (2, 0, 64)):
+        args = w8a16_inputs(shape, 16, 2, torch.bfloat16, ordered=True)
+        out = reference.w8a16_gemm(*args)
+        assert out.shape == (*shape[:-1], 16) and out.dtype == torch.bfloat16
+
+
+def test_w8a16_no_host_sync():
+    args = w8a16_inputs((2, 3, 96), 40, 3, torch.bfloat16, ordered=True, strided_x=True)
+    other = w8a16_inputs((5, 128), 37, 1, torch.float32, bias=False)
+    with HostSyncCounter() as counter:
+        reference.w8a16_gemm(*args)
+        reference.w8a16_gemm(*other)
+    assert counter.total == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_w8a16_opcheck(reference_ops, dtype):
+    gemm = torch.ops.kunlun.w8a16_gemm.default
+    opcheck(gemm, w8a16_inputs((3, 64), 37, 2, dtype))
+    opcheck(gemm, w8a16_inputs((2, 3, 96), 16, 3, dtype, ordered=True, bias=False))
+    opcheck(gemm, w8a16_inputs((4, 64), 24, 1, dtype, strided_x=True, strided=True))
+
+
+def test_w8a16_fake_implementation_gives_shape_and_dtype():
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 96, dtype=torch.bfloat16)
+        w_q = torch.empty(96, 37, dtype=torch.uint8)
+        scales = torch.empty(3, 37, dtype=torch.float16)
+        zeros = torch.empty(3, 37, dtype=torch.uint8)
+        out = torch.ops.kunlun.w8a16_gemm(x, w_q, scales, zeros, None, None)
+        assert (out.shape, out.dtype) == ((2, 3, 37), torch.bfloat16)
+
+
+def test_w8a16_custom_op_runs_the_reference(reference_ops):
+    args = w8a16_inputs((3, 64), 16, 2, torch.bfloat16, ordered=True)
+    assert torch.equal(torch.ops.kunlun.w8a16_gemm(*args), reference.w8a16_gemm(*args))
+    assert declared_ops()["w8a16_gemm"].family == "quant"

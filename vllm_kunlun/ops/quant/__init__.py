@@ -1,7 +1,9 @@
 """Quantization family: W8A8 int8 (symmetric dynamic per-token and static per-tensor activation
-quantization, and the int8 GEMM with per-token / per-tensor and per-channel scales), and the
+quantization, and the int8 GEMM with per-token / per-tensor and per-channel scales), the
 weight-only int4 GEMM (wNa16: GPTQ, AWQ and compressed-tensors pack-quantized checkpoints, all
-converted at load to one packed layout, int4_layout.py) with its dequantization.
+converted at load to one packed layout, int4_layout.py) with its dequantization, and the
+weight-only int8 GEMM (W8A16: GPTQ 8-bit and compressed-tensors 8-bit pack-quantized, converted
+at load to unsigned bytes [K, N]).
 
 Kunlun's convention throughout (KUNLUN.md C4): activations and weights carry their absmax, not
 their scale; scale = absmax / 127. A checkpoint's scale s therefore reaches these ops as
@@ -127,3 +129,33 @@ def wna16_dequant(
     W[k, n] = (q[k, n] - z[g, n]) * s[g, n] with g = k // (K / G), computed in float32 and rounded
     once to scales' dtype. w_packed int32 [K, N / 8], scales [G, N], zeros int32 [G, N / 8]
     (int4_layout.py); K a multiple of G (refused otherwise). -> new contiguous [K, N]."""
+
+
+def _w8a16_gemm_fake(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    input_order: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], w_q.shape[-1])
+
+
+@kernel_op(fake=_w8a16_gemm_fake)
+def w8a16_gemm(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    input_order: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """Weight-only int8 GEMM with group scales and zero points: out = x' @ W (+ bias), where
+    W[k, n] = (q[k, n] - z[g, n]) * s[g, n] with g = k // (K / G), computed in float32 and
+    rounded to x's dtype, and x' = x, or x[..., input_order] when given (GPTQ act-order), as
+    wna16_gemm. x [..., K] float (may be non-contiguous); w_q uint8 [K, N] (the unsigned 8-bit
+    values, input dimension first); scales [G, N] any float dtype; zeros uint8 [G, N], the
+    unsigned zero points (128 for symmetric formats); K a multiple of G (refused otherwise);
+    input_order int64 [K] or None; bias [N] or None. Accumulated in float32, rounded once.
+    -> new contiguous [..., N] in x's dtype."""

@@ -4,7 +4,8 @@ points, bias and no bias, a per-tensor [1, 1] activation absmax, the exact accum
 long K, and large batches. Weight-only int4 (wNa16): one token, N an odd multiple of 8, K not a
 power of two, one group and many, zero points at 0 and 15, act-order input_order, bias and no
 bias, strided and 3-D x, a strided packed weight, 256 rows and more (the Kunlun binding's
-dequantize-then-matmul path), and a large GEMM.
+dequantize-then-matmul path), and a large GEMM. Weight-only int8 (W8A16): the same kinds of
+shapes, random and symmetric (128) zero points.
 
 The case's dtype is the activation dtype: x's for the quantization ops, the output's and the
 bias's for the W8A8 GEMM (its int8 operands and float32 absmaxes do not change with it), x's,
@@ -171,6 +172,32 @@ def _wna16_dequant(depth: int, channels: int, groups: int, **operands):
     return make
 
 
+def _w8a16_gemm(shape: tuple[int, ...], channels: int, groups: int, bias: bool = True,
+                ordered: bool = False, strided_x: bool = False,
+                symmetric: bool = False):  # fmt: skip
+    """x [*shape], N channels, G groups: uint8 weights, zero points 128 (symmetric) or random."""
+    depth = shape[-1]
+
+    def make(dtype, device, g):
+        x = (
+            wide_view(shape[0], depth, dtype, device, g)
+            if strided_x
+            else randn(shape, dtype, device, g)
+        )
+        w_q = torch.randint(0, 256, (depth, channels), generator=g, dtype=torch.uint8)
+        if symmetric:
+            zeros = torch.full((groups, channels), 128, dtype=torch.uint8)
+        else:
+            zeros = torch.randint(0, 256, (groups, channels), generator=g, dtype=torch.uint8)
+        scales = torch.rand(groups, channels, generator=g) * 0.002 + 0.0002
+        order = torch.randperm(depth, generator=g).to(device) if ordered else None
+        b = randn((channels,), dtype, device, g) if bias else None
+        return (x, w_q.to(device), scales.to(device=device, dtype=dtype), zeros.to(device),
+                order, b)  # fmt: skip
+
+    return make
+
+
 def _int4(name: str, make, big: bool = False) -> Case:
     return Case(name, make, big=big, tolerance=FP16_WEIGHTS)
 
@@ -226,5 +253,15 @@ CASES = {
         _int4("zero points 0 and 15", _wna16_dequant(64, 48, 4, zero_points="extremes")),
         _int4("strided packed weight", _wna16_dequant(64, 40, 2, strided=True)),
         _int4("4096 x 4096, group 128", _wna16_dequant(4096, 4096, 32), big=True),
+    ],
+    "w8a16_gemm": [
+        Case("1 token, N 37, K 96 in 3 groups, bias", _w8a16_gemm((1, 96), 37, 3)),
+        Case("one group (per channel), no bias", _w8a16_gemm((5, 128), 64, 1, bias=False)),
+        Case("symmetric, zero point 128", _w8a16_gemm((4, 256), 48, 2, symmetric=True)),
+        Case("act-order input_order", _w8a16_gemm((6, 128), 32, 4, ordered=True)),
+        Case("strided x", _w8a16_gemm((7, 96), 40, 3, strided_x=True)),
+        Case("3-D x [2, 3, 64]", _w8a16_gemm((2, 3, 64), 16, 2)),
+        Case("8 tokens, 1536 -> 1536, group 128", _w8a16_gemm((8, 1536), 1536, 12)),
+        Case("512 x 4096 -> 4096, group 128", _w8a16_gemm((512, 4096), 4096, 32), big=True),
     ],
 }

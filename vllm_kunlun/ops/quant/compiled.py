@@ -102,4 +102,4 @@ def wna16_gemm(
         return reference.wna16_gemm(x, w_packed, scales, zeros, input_order, bias)
     reference.check_wna16_shapes(w_packed, scales, zeros, x, input_order)
     w = _dequantize(w_packed, scales, zeros, x.dtype)
-    return reference.int4_matmul(x, w, input_order, bias)
+    return reference.dequantized_matmul(x, w, input_order, bias)

@@ -35,6 +35,9 @@ runs the reference's PyTorch ops on the XPU.
   permuted with torch's index_select on the XPU before either kernel. The bias is added by
   PyTorch afterwards, in x's dtype (neither kernel takes one).
 - wna16_dequant: `awq_dequantize` as above, its fp16 weight cast to scales' dtype.
+- w8a16_gemm (weight-only int8): no recorded kunlun_ops kernel multiplies 8-bit weights with
+  float activations (`awq_gemm` / `awq_dequantize` are 4-bit), so it runs the reference's
+  PyTorch ops on the XPU: the dequantization in float32 and a torch matmul.
 - Zero rows call no kernel (empty results).
 
 Assumptions (KUNLUN.md §4 records none of these):
@@ -202,3 +205,6 @@ def wna16_gemm(
     if bias is not None:
         out = out + bias.to(x.dtype)
     return out.view(*x.shape[:-1], channels)
+
+
+w8a16_gemm = reference.w8a16_gemm  # no recorded kunlun_ops kernel

@@ -29,7 +29,8 @@ oracle keeps float64: at least float32), rounded once. The GEMM rounds W to x's 
 dequantize-then-GEMM kernel does, and accumulates x' @ W (+ bias) in float32, rounded once to
 x's dtype: a GEMM kernel's float32 accumulator, and one matmul in float32 rather than in fp16,
 which the host runs some hundred times slower (82 s against 0.2 s at [512, 4096] x [4096,
-4096]). Shapes are checked, never values (that would sync).
+4096]). Shapes are checked, never values (that would sync). The weight-only int8 GEMM (W8A16)
+is the same with unsigned bytes instead of packed nibbles.
 """
 
 import torch
@@ -157,12 +158,19 @@ def dequantize_int4(
 ) -> torch.Tensor:
     """W [K, N] = (q - z[g]) * s[g] for the rows of group g, in (at least) float32, then dtype."""
     group_size = check_wna16_shapes(w_packed, scales, zeros)
-    depth, channels = w_packed.shape[0], scales.shape[1]
+    return dequantize_groups(unpack_int4(w_packed), unpack_int4(zeros), scales, group_size, dtype)
+
+
+def dequantize_groups(
+    q: torch.Tensor, z: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """W [K, N] = (q - z[g]) * s[g] from the unsigned integer values q [K, N] and zero points
+    z [G, N]: the difference exact in int32, times the scale in (at least) float32, rounded once
+    to dtype."""
+    depth, channels = q.shape
     compute = torch.promote_types(scales.dtype, torch.float32)
-    q = unpack_int4(w_packed).view(-1, group_size, channels)  # [G, K / G, N]
-    z = unpack_int4(zeros).unsqueeze(1)  # [G, 1, N]
-    s = scales.to(compute).unsqueeze(1)
-    w = (q - z).to(compute) * s
+    differences = q.to(torch.int32).view(-1, group_size, channels) - z.to(torch.int32).unsqueeze(1)
+    w = differences.to(compute) * scales.to(compute).unsqueeze(1)
     return w.view(depth, channels).to(dtype)
 
 
@@ -183,14 +191,15 @@ def wna16_gemm(
 ) -> torch.Tensor:
     """out = x' @ W (+ bias), W dequantized and rounded to x's dtype, x' = x[..., input_order]."""
     check_wna16_shapes(w_packed, scales, zeros, x, input_order)
-    return int4_matmul(x, dequantize_int4(w_packed, scales, zeros, x.dtype), input_order, bias)
+    w = dequantize_int4(w_packed, scales, zeros, x.dtype)
+    return dequantized_matmul(x, w, input_order, bias)
 
 
-def int4_matmul(
+def dequantized_matmul(
     x: torch.Tensor, w: torch.Tensor, input_order: torch.Tensor | None, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """wna16_gemm after the dequantization (w [K, N] in x's dtype): x' @ w (+ bias) accumulated
-    in float32, rounded once to x's dtype, contiguous. compiled.py shares it."""
+    """The weight-only GEMMs after the dequantization (w [K, N] in x's dtype): x' @ w (+ bias)
+    accumulated in float32, rounded once to x's dtype, contiguous. compiled.py shares it."""
     accumulate = torch.promote_types(x.dtype, torch.float32)
     if input_order is not None:
         x = x.index_select(-1, input_order)
@@ -198,3 +207,60 @@ def int4_matmul(
     if bias is not None:
         out = out + bias.to(x.dtype).to(accumulate)
     return out.to(x.dtype)
+
+
+# Weight-only int8 (W8A16) -------------------------------------------------------------------------
+
+
+def check_w8a16_shapes(
+    w_q: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    x: torch.Tensor | None = None,
+    input_order: torch.Tensor | None = None,
+) -> int:
+    """The group size K / G, after checking the operands' shapes against each other."""
+    for name, tensor in (("w_q", w_q), ("scales", scales), ("zeros", zeros)):
+        if tensor.dim() != 2:
+            raise ValueError(f"W8A16: {name} must be 2-D, got {list(tensor.shape)}")
+    depth, channels = w_q.shape
+    groups = scales.shape[0]
+    if w_q.dtype != torch.uint8 or zeros.dtype != torch.uint8:
+        raise ValueError(f"W8A16: w_q and zeros must be uint8, got {w_q.dtype} and {zeros.dtype}")
+    if groups == 0 or depth % groups:
+        raise ValueError(
+            f"W8A16: K = {depth} (w_q's rows) is not a multiple of the number of groups "
+            f"G = {groups} (scales' rows), so there is no whole group size K / G"
+        )
+    if tuple(scales.shape) != (groups, channels) or tuple(zeros.shape) != (groups, channels):
+        raise ValueError(
+            f"W8A16: scales and zeros must be [G, N] = [{groups}, {channels}], got "
+            f"{list(scales.shape)} and {list(zeros.shape)}"
+        )
+    if x is not None and x.shape[-1] != depth:
+        raise ValueError(f"W8A16: x has {x.shape[-1]} features, the weight K = {depth}")
+    if input_order is not None and tuple(input_order.shape) != (depth,):
+        raise ValueError(f"W8A16: input_order must be [K] = [{depth}], got {input_order.shape}")
+    return depth // groups
+
+
+def dequantize_int8(
+    w_q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """W [K, N] = (q - z[g]) * s[g] for the rows of group g, in (at least) float32, then dtype."""
+    group_size = check_w8a16_shapes(w_q, scales, zeros)
+    return dequantize_groups(w_q, zeros, scales, group_size, dtype)
+
+
+def w8a16_gemm(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    input_order: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """out = x' @ W (+ bias), W dequantized and rounded to x's dtype, x' = x[..., input_order]."""
+    check_w8a16_shapes(w_q, scales, zeros, x, input_order)
+    w = dequantize_int8(w_q, scales, zeros, x.dtype)
+    return dequantized_matmul(x, w, input_order, bias)
