@@ -151,7 +151,7 @@ class _OnKunlun:
 
 
 class KunlunGPTQConfig(_OnKunlun, AutoGPTQConfig):
-    """GPTQ 4-bit symmetric checkpoints, with or without act-order, through
+    """GPTQ 4-bit and 8-bit symmetric checkpoints, with or without act-order, through
     KunlunWNA16LinearKernel."""
 
     NAME, CHECKPOINT_METHOD = GPTQ_NAME, "gptq"
