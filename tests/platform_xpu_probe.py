@@ -161,8 +161,12 @@ def platform_facts(platform, runtime_cls: type) -> dict:
         "seeding_is_reproducible": torch.rand(2).tolist() == first,
         "communicator": platform.get_device_communicator_cls(),
         "attn_backend": platform.get_attn_backend_cls(None, selector),
-        "mla_refusal": refusal(
-            lambda: platform.get_attn_backend_cls(None, selector._replace(use_mla=True))
+        "mla_backend": platform.get_attn_backend_cls(None, selector._replace(use_mla=True)),
+        "mla_prefill_backend": platform.get_mla_prefill_backend_cls(None).get_name(),
+        "sparse_refusal": refusal(
+            lambda: platform.get_attn_backend_cls(
+                None, selector._replace(use_mla=True, use_sparse=True)
+            )
         ),
         "quantization_refusal": refusal(lambda: platform.verify_quantization("fp8")),
         "punica_refusal": refusal(platform.get_punica_wrapper),
@@ -186,6 +190,7 @@ CASES: dict[str, dict[str, Any]] = {
     "lora": {"enable_lora": True},
     "quantization": {"quantization": "fp8"},
     "tp_16": {"tensor_parallel_size": 16, "distributed_executor_backend": "mp"},
+    "pcp_2": {"prefill_context_parallel_size": 2},
 }
 
 

@@ -13,7 +13,13 @@ ALLOWED_NATIVE = tuple(
     f"{method}: {entry.reason}" if method else entry.reason
     for entry in routes.NATIVE_LAYERS
     for method in [entry.quant_method]
-) + ("vLLM model code", "torch.nn.", "vLLM custom op", routes.MOE_RUNNER_REASON)
+) + (
+    "vLLM model code",
+    "torch.nn.",
+    "vLLM custom op",
+    routes.MOE_RUNNER_REASON,
+    routes.MLA_BLOCK_REASON,
+)
 
 
 def route_env(tmp_path: Path) -> dict[str, str]:
@@ -23,11 +29,12 @@ def route_env(tmp_path: Path) -> dict[str, str]:
 
 def assert_only_plugin_ops_and_listed_native_layers(
     tmp_path: Path, log: str, counts: dict[str, int], *, moe: bool = False,
-    rotary_class: str | None = None,
+    rotary_class: str | None = None, attention: str = "Attention",
 ) -> None:  # fmt: skip
-    """The run's route report (written under route_env(tmp_path)): attention and rotary are
-    plugin ops (and `rotary_class` is, if given), nothing is refused, native rows name an
-    allowed reason; an MoE model's experts are the plugin's MoE method."""
+    """The run's route report (written under route_env(tmp_path)): attention (the `attention`
+    layer type: MLAAttention for MLA models) and rotary are plugin ops (and `rotary_class` is,
+    if given), nothing is refused, native rows name an allowed reason; an MoE model's experts
+    are the plugin's MoE method."""
     (report,) = routes.read_reports(tmp_path / "routes")
     assert "Layer routes of the model (rank 0)" in log
     assert not report.refused()
@@ -36,7 +43,7 @@ def assert_only_plugin_ops_and_listed_native_layers(
         if row.route == NATIVE:
             assert row.detail.startswith(ALLOWED_NATIVE), row
     plugin = {row.layer_type for row in report.rows if row.route == PLUGIN_OP}
-    assert {"Attention"} < plugin
+    assert {attention} < plugin
     assert any("RotaryEmbedding" in name for name in plugin), plugin
     if rotary_class is not None:
         assert report.route_of(rotary_class) == {PLUGIN_OP}

@@ -41,7 +41,7 @@ MATRIX_TEST_FILES = ("test_models.py", "test_feature_matrix.py", "test_tensor_pa
                      "test_moe_layer.py", "test_expert_parallel.py", "test_quantized_models.py",
                      "test_quantization_config.py", "test_quantization_layer.py",
                      "test_quantized_moe_layer.py", "test_quantized_accuracy.py",
-                     "test_wna16_layer.py")  # fmt: skip
+                     "test_wna16_layer.py", "test_mla_models.py")  # fmt: skip
 
 
 def test_support_matrix_cites_every_matrix_test():

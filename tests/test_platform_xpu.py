@@ -184,7 +184,7 @@ def test_inductor_and_disabled_custom_ops_are_replaced(configs):
 
 def test_a_users_splitting_ops_keep_attention_out_of_the_graphs(configs):
     config = configs["empty_splitting_ops"]
-    assert config["splitting_ops"] == [ATTENTION_OP]
+    assert config["splitting_ops"] == [ATTENTION_OP, "vllm::unified_mla_attention_with_output"]
     assert config["cudagraph_mode"] == "PIECEWISE"
 
 
@@ -200,6 +200,7 @@ def test_block_size_is_validated(configs):
         ("quantization", "vllm-kunlun cannot run --quantization fp8"),
         ("kv_cache_fp8", "--kv-cache-dtype fp8 is not supported by vllm-kunlun"),
         ("tp_16", "needs 16 Kunlun XPUs on this host, one per worker, but only 8 are visible"),
+        ("pcp_2", "--prefill-context-parallel-size 2 is not supported by vllm-kunlun yet"),
     ],
 )
 def test_unsupported_options_are_refused_with_what_to_do(configs, case, message):
@@ -211,8 +212,13 @@ def test_lora_refusal_says_what_to_do_instead(configs, facts):
     assert facts["punica_refusal"].startswith("NotImplementedError: LoRA adapters")
 
 
+def test_mla_models_get_the_plugins_mla_backend_and_prefill_backend(facts):
+    assert facts["mla_backend"] == "vllm_kunlun.attention.mla.KunlunMLABackend"
+    assert facts["mla_prefill_backend"] == "KUNLUN_MLA_PREFILL"
+
+
 def test_other_refusals(facts):
-    assert "MLA or sparse attention" in facts["mla_refusal"]
+    assert "DeepSeek-V3.2's top-k indexer" in facts["sparse_refusal"]
     assert "serve an unquantized checkpoint" in facts["quantization_refusal"]
     assert "not torch.float64" in facts["dtype_refusal"]
 

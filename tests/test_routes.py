@@ -30,7 +30,7 @@ from vllm_kunlun import routes
 from vllm_kunlun.layers import OOT_LAYERS, register_layers
 from vllm_kunlun.layers.norm import KunlunRMSNorm
 from vllm_kunlun.layers.rotary import REFUSED_ROTARY, ROUTED_BY_CACHE
-from vllm_kunlun.model_zoo.tiny import ARCHITECTURES, MOE_ARCHITECTURES
+from vllm_kunlun.model_zoo.tiny import ARCHITECTURES, MLA_ARCHITECTURES, MOE_ARCHITECTURES
 from vllm_kunlun.ops import stats
 from vllm_kunlun.routes import NATIVE, PLUGIN_OP, REFUSED
 
@@ -503,6 +503,7 @@ ROUTE_CHECKED_BY = {
     **dict.fromkeys(["llama", "qwen2", "qwen3", "phi3", "gemma2", "mistral", "llama3",
                      "qwen3-yarn"], "tests/test_models.py"),
     **dict.fromkeys(MOE_ARCHITECTURES, "tests/test_moe_models.py"),
+    **dict.fromkeys(MLA_ARCHITECTURES, "tests/test_mla_models.py"),
     "overhead": "tests/test_routes.py",
 }  # fmt: skip
 

@@ -64,6 +64,10 @@ MOE_RUNNER_REASON = (
     "vLLM's MoE runner: calls the gate, shared experts and routed experts listed here and sums "
     "(and all-reduces) their outputs in plain torch"
 )
+MLA_BLOCK_REASON = (
+    "vLLM's MLA block: calls the projections, norms, rotary and MLA attention listed here, "
+    "splits and reshapes in plain torch"
+)
 KERNEL_INSTEAD = "a model without this layer (the plugin needs a route for it first)"
 
 
@@ -276,6 +280,43 @@ def _attention_route(module: nn.Module) -> Route:
     )
 
 
+MLA_OPS = (
+    "kunlun.concat_and_cache_mla, kunlun.mla_decode, kunlun.mla_prefill, "
+    "kunlun.mla_gather_cache, kunlun.merge_attention_states"
+)
+
+
+def _mla_route(module: nn.Module) -> Route:
+    from vllm_kunlun.attention.mla import KunlunMLAImpl
+
+    impl = getattr(module, "impl", None)
+    if isinstance(impl, KunlunMLAImpl):
+        return Route(
+            PLUGIN_OP,
+            f"KunlunMLAImpl -> {MLA_OPS}; the absorbed up-projections (W_UK, W_UV) are "
+            "batched GEMMs in vLLM's layer (torch.bmm)",
+        )
+    return Route(
+        REFUSED,
+        f"MLA implementation {type(impl).__name__}, not the plugin's KunlunMLAImpl",
+        "the plugin's MLA backend (leave --attention-backend unset)",
+    )
+
+
+def _mla_wrapper_route(module: nn.Module) -> Route:
+    """vLLM's MLA block: projections, norms and rotary (listed on their own) around the MLA
+    attention layer, joined by splits and reshapes in plain torch."""
+    if getattr(module, "fuse_qkv_rmsnorm", False):
+        return Route(REFUSED, "MLA with vLLM's fused q/kv RMSNorm kernel", KERNEL_INSTEAD)
+    if getattr(module, "indexer", None) is not None:
+        return Route(
+            REFUSED,
+            "sparse MLA (DeepSeek-V3.2's top-k indexer)",
+            "a dense MLA model (DeepSeek-V2/V3/R1)",
+        )
+    return Route(NATIVE, MLA_BLOCK_REASON, descend=True)
+
+
 def _quant_method_name(module: nn.Module) -> str:
     return type(getattr(module, "quant_method", None)).__name__
 
@@ -437,6 +478,7 @@ def classify(module: nn.Module) -> Route | None:
     from vllm.model_executor.custom_op import CustomOp, PluggableLayer
     from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
     from vllm.model_executor.layers.fused_moe.runner.shared_experts import SharedExperts
+    from vllm.model_executor.layers.mla import MultiHeadLatentAttentionWrapper
 
     cls = type(module)
     # Containers, and vLLM's wrapper that runs a MoE block's shared expert MLP.
@@ -451,11 +493,16 @@ def classify(module: nn.Module) -> Route | None:
     refused = _refused_by_name(module)
     if refused is not None:
         return refused
+    if isinstance(module, MultiHeadLatentAttentionWrapper):
+        return _mla_wrapper_route(module)
     if isinstance(module, AttentionLayerBase):
         from vllm.model_executor.layers.attention.attention import Attention
+        from vllm.model_executor.layers.attention.mla_attention import MLAAttention
 
         if isinstance(module, Attention):
             return _attention_route(module)
+        if isinstance(module, MLAAttention):
+            return _mla_route(module)
         return Route(
             REFUSED,
             f"{cls.__name__}: attention / state-space layer without a plugin "

@@ -13,11 +13,13 @@ from torch.library import opcheck
 
 from tests.ops.attention.shared import attention_op_inputs, decode_op_args, prefill_op_args
 from tests.ops.helpers import DTYPES
+from tests.ops.mla.shared import mla_op_samples
 from tests.ops.rotary.shared import make_cos_sin_cache
 from vllm_kunlun.ops import stats
 from vllm_kunlun.ops.activation import reference as activation_reference
 from vllm_kunlun.ops.attention import reference as attention_reference
 from vllm_kunlun.ops.kv_cache import reference as kv_cache_reference
+from vllm_kunlun.ops.mla import reference as mla_reference
 from vllm_kunlun.ops.norm import reference as norm_reference
 from vllm_kunlun.ops.provider import PROVIDERS, declared_ops, families, ops_of
 from vllm_kunlun.ops.quant.int4_layout import pack_int4
@@ -36,9 +38,8 @@ def parameters(fn) -> list[tuple[str, inspect._ParameterKind]]:
 
 
 def test_the_families_are_the_op_packages():
-    assert {"norm", "activation", "rotary", "kv_cache", "attention", "moe", "quant"} <= set(
-        families()
-    )
+    assert {"norm", "activation", "rotary", "kv_cache", "attention", "moe", "quant",
+            "mla"} <= set(families())  # fmt: skip
     for spec in declared_ops().values():
         assert spec.family in families()
         assert spec.call.__module__ == f"vllm_kunlun.ops.{spec.family}"
@@ -158,6 +159,23 @@ def test_ops_match_reference_kv_cache_and_attention(
         torch.ops.kunlun.prefill_attention(*prefill_op_args(inputs, out_op, window, softcap))
         attention_reference.prefill_attention(*prefill_op_args(inputs, out_ref, window, softcap))
         assert torch.equal(out_op, out_ref) and out_op.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ops_match_reference_mla(reference_ops: None, dtype: torch.dtype) -> None:
+    """Every mla op through torch.ops.kunlun writes what the reference writes."""
+    for name, args in mla_op_samples(dtype).items():
+        op_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        ref_args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+        assert getattr(torch.ops.kunlun, name)(*op_args) is None
+        getattr(mla_reference, name)(*ref_args)
+        mutated = declared_ops()[name].mutates_args
+        names = list(declared_ops()[name].signature.parameters)
+        for arg in mutated:
+            index = names.index(arg)
+            assert torch.equal(op_args[index], ref_args[index]), (name, arg)
+        first = op_args[names.index(mutated[0])]
+        assert first.isfinite().all() and first.abs().sum() > 0, name
 
 
 # opcheck -----------------------------------------------------------------------------------------
@@ -283,6 +301,8 @@ def op_samples() -> dict[str, tuple]:
             torch.randperm(64),
             torch.randn(37),
         ),  # fmt: skip
+        # MLA: latent 32 + 16, 3 heads, block size 16 (tests/ops/mla/shared.py)
+        **mla_op_samples(),
     }
 
 
@@ -309,6 +329,11 @@ OPCHECK_CASES = [
     "wna16_gemm",
     "wna16_dequant",
     "w8a16_gemm",
+    "concat_and_cache_mla",
+    "mla_decode",
+    "mla_gather_cache",
+    "mla_prefill",
+    "merge_attention_states",
 ]
 
 

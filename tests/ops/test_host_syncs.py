@@ -1,7 +1,7 @@
 """Host syncs per call, counted at the aten level by the dispatch-mode counter check-kernels
-uses: the KV write, decode attention and the W8A8 quantization and GEMM must never make the host
-wait for the device (a stall per layer on an accelerator, and a call no device graph can
-capture)."""
+uses: the KV writes (dense and MLA), decode attention (dense and MLA) and the W8A8 quantization
+and GEMM must never make the host wait for the device (a stall per layer on an accelerator, and a
+call no device graph can capture); the prefill path's ops make none either."""
 
 import pytest
 import torch
@@ -12,7 +12,10 @@ from vllm_kunlun.ops.provider import Provider, declared_ops
 
 ZERO_SYNC_OPS = ("reshape_and_cache", "decode_attention", "int8_quant_per_token",
                  "int8_quant_static", "int8_scaled_mm", "wna16_gemm", "wna16_dequant",
-                 "w8a16_gemm")  # fmt: skip
+                 "w8a16_gemm", "concat_and_cache_mla", "mla_decode")  # fmt: skip
+#: Ops of the prefill path (one call per layer per prefill step, not captured in graphs).
+PREFILL_PATH_OPS = ("prefill_attention", "encoder_attention", "mla_prefill", "mla_gather_cache",
+                    "merge_attention_states")  # fmt: skip
 
 
 def test_the_counter_sees_each_kind_of_host_sync():
@@ -56,19 +59,22 @@ def test_no_host_sync_per_call(provider_name, op):
             assert counter.total == 0, f"{op} {case.name} {dtype}: {dict(counter.by_op)}"
             checked += 1
     assert checked >= 8
-    assert spec.family in ("kv_cache", "attention", "quant")
+    assert spec.family in ("kv_cache", "attention", "quant", "mla")
 
 
-def test_prefill_and_encoder_attention_are_sync_free_too():
+@pytest.mark.parametrize("op", PREFILL_PATH_OPS)
+def test_prefill_path_ops_are_sync_free_too(op):
     provider = Provider("reference")
-    for op in ("prefill_attention", "encoder_attention"):
-        for case in cases_by_op()[op]:
-            if case.big:
-                continue
-            args = case.make(torch.float32, torch.device("cpu"), torch.Generator().manual_seed(1))
-            with HostSyncCounter() as counter:
-                provider.kernel(op)(*args)
-            assert counter.total == 0, f"{op} {case.name}: {dict(counter.by_op)}"
+    checked = 0
+    for case in cases_by_op()[op]:
+        if case.big:
+            continue
+        args = case.make(torch.float32, torch.device("cpu"), torch.Generator().manual_seed(1))
+        with HostSyncCounter() as counter:
+            provider.kernel(op)(*args)
+        assert counter.total == 0, f"{op} {case.name}: {dict(counter.by_op)}"
+        checked += 1
+    assert checked >= 3
 
 
 def test_padding_slots_are_skipped_without_reading_them_back():

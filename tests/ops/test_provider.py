@@ -59,8 +59,10 @@ def test_the_kunlun_provider_binds_every_op_or_names_the_reference():
     assert set(kunlun.kernels) == set(declared_ops())
     named_reference = {op for op, source in kunlun.sources.items() if source.endswith("reference")}
     # no recorded kunlun_ops kernel (KUNLUN.md §2b, §2g: only xspeedgate_ops; the int4
-    # awq_gemm / awq_dequantize take no 8-bit weights)
-    assert named_reference == {"gelu_and_mul", "int8_quant_static", "w8a16_gemm"}
+    # awq_gemm / awq_dequantize take no 8-bit weights; §2d: the MLA cache gather is recorded in
+    # xspeedgate_ops only)
+    assert named_reference == {"gelu_and_mul", "int8_quant_static", "w8a16_gemm",
+                               "mla_gather_cache"}  # fmt: skip
 
 
 def test_an_unknown_op_is_an_attribute_error():

@@ -91,6 +91,26 @@ ARCHITECTURES: dict[str, dict] = {
                       rope_theta=500000.0, moe_intermediate_size=64, moe_num_experts=6, moe_k=3,
                       moe_num_shared_experts=1, moe_layer_start_index=1,
                       moe_layer_end_index=2, score_correction_bias=0.1),
+    # MLA (Multi-head Latent Attention), first layer dense, then MoE with a shared expert.
+    # DeepSeek-V2: no query compression (q_lora_rank unset), a small latent (64 + rope 16),
+    # softmax top-2 of 6 experts in one group (as DeepSeek-V2-Lite), not renormalized.
+    "deepseek-v2": dict(_SMALL, model_type="deepseek_v2", num_attention_heads=4,
+                        num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=64,
+                        qk_nope_head_dim=32, qk_rope_head_dim=16, head_dim=16, v_head_dim=32,
+                        moe_intermediate_size=64, n_routed_experts=6, num_experts_per_tok=2,
+                        n_shared_experts=1, first_k_dense_replace=1, topk_method="greedy",
+                        n_group=1, topk_group=1, norm_topk_prob=False, rope_theta=10000.0),
+    # DeepSeek-V3: compressed queries (q_lora_rank 96), the real latent sizes (512 + rope 64,
+    # so vLLM's in-tree CPU MLA backend runs it too), grouped sigmoid routing with a random
+    # correction bias (8 experts in 4 groups, best 2 groups, top-3), routed scaling 2.5.
+    "deepseek-v3": dict(_SMALL, model_type="deepseek_v3", num_attention_heads=4,
+                        num_key_value_heads=4, q_lora_rank=96, kv_lora_rank=512,
+                        qk_nope_head_dim=32, qk_rope_head_dim=64, head_dim=64, v_head_dim=32,
+                        moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=3,
+                        n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1,
+                        routed_scaling_factor=2.5, norm_topk_prob=True,
+                        num_nextn_predict_layers=0, scoring_func="sigmoid",
+                        topk_method="noaux_tc", score_correction_bias=0.3, rope_theta=10000.0),
 }  # fmt: skip
 
 #: Models the plugin refuses at start-up (tests of the refusal), made the same way.
@@ -115,7 +135,10 @@ BENCHMARK_ARCHITECTURES: dict[str, dict] = {
                       initializer_range=0.02, dtype=torch.bfloat16),
 }  # fmt: skip
 
-#: The MoE entries of ARCHITECTURES.
+#: The MLA entries of ARCHITECTURES (MoE models too).
+MLA_ARCHITECTURES = ("deepseek-v2", "deepseek-v3")
+
+#: The MoE entries of ARCHITECTURES without MLA.
 MOE_ARCHITECTURES = ("qwen3-moe", "qwen3-moe-unnormed", "mixtral", "qwen2-moe", "glm4-moe",
                      "ernie-moe")  # fmt: skip
 

@@ -13,7 +13,7 @@ import torch
 from vllm.platforms.interface import DeviceCapability, Platform, PlatformEnum
 
 from vllm_kunlun import envs
-from vllm_kunlun.attention import BACKEND_PATH
+from vllm_kunlun.attention import BACKEND_PATH, MLA_BACKEND_PATH
 from vllm_kunlun.device import DeviceRuntime, current_runtime
 from vllm_kunlun.log import get_logger
 from vllm_kunlun.quantization.checkpoint_config import (
@@ -24,6 +24,8 @@ from vllm_kunlun.quantization.checkpoint_config import (
 
 if TYPE_CHECKING:
     from vllm.config import ParallelConfig, VllmConfig
+    from vllm.v1.attention.backends.mla.prefill.base import MLAPrefillBackend
+    from vllm.v1.attention.backends.mla.prefill.selector import MLAPrefillSelectorConfig
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
     from vllm.v1.attention.selector import AttentionSelectorConfig
 
@@ -108,17 +110,28 @@ class KunlunPlatformBase(Platform):
         attn_selector_config: "AttentionSelectorConfig",
         num_heads: int | None = None,
     ) -> str:
-        if attn_selector_config.use_mla or attn_selector_config.use_sparse:
+        if attn_selector_config.use_sparse:
             raise NotImplementedError(
-                "vllm-kunlun does not support MLA or sparse attention models yet; "
-                "see docs/support-matrix.md."
+                "vllm-kunlun does not support sparse attention (DeepSeek-V3.2's top-k indexer) "
+                "yet; serve a dense MLA model (DeepSeek-V2/V3/R1) instead. See "
+                "docs/support-matrix.md."
             )
+        if attn_selector_config.use_mla:
+            return MLA_BACKEND_PATH
         if selected_backend is not None and selected_backend.name != "CUSTOM":
             logger.warning(
                 "Attention backend %s is not available on Kunlun; using the Kunlun backend.",
                 selected_backend.name,
             )
         return BACKEND_PATH
+
+    @classmethod
+    def get_mla_prefill_backend_cls(
+        cls, mla_selector_config: "MLAPrefillSelectorConfig"
+    ) -> "type[MLAPrefillBackend]":
+        from vllm_kunlun.attention.mla_prefill import KunlunMLAPrefillBackend
+
+        return KunlunMLAPrefillBackend
 
     @classmethod
     def get_device_communicator_cls(cls) -> str:
@@ -185,6 +198,7 @@ class KunlunPlatformBase(Platform):
         if parallel_config.worker_cls in DEFAULT_WORKER_CLASSES:
             parallel_config.worker_cls = cls.device_runtime().worker_cls
         cls._check_devices_for_workers(parallel_config)
+        cls._check_context_parallel(parallel_config)
         cls._route_layers_to_plugin_ops(vllm_config)
 
     @classmethod
@@ -243,6 +257,18 @@ class KunlunPlatformBase(Platform):
             f"{'is' if visible == 1 else 'are'} visible{shown}. "
             f"{how_to}; or lower --tensor-parallel-size."
         )
+
+    @classmethod
+    def _check_context_parallel(cls, parallel_config: "ParallelConfig") -> None:
+        for flag, size in (
+            ("--decode-context-parallel-size", parallel_config.decode_context_parallel_size),
+            ("--prefill-context-parallel-size", parallel_config.prefill_context_parallel_size),
+        ):
+            if size > 1:
+                raise ValueError(
+                    f"{flag} {size} is not supported by vllm-kunlun yet; leave it at 1 and "
+                    "use --tensor-parallel-size to spread a model over more XPUs."
+                )
 
     @classmethod
     def _route_layers_to_plugin_ops(cls, vllm_config: "VllmConfig") -> None:

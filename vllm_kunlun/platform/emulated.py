@@ -7,6 +7,7 @@ KunlunPlatformBase. The vLLM CPU branches it meets are listed in docs/architectu
 choices).
 """
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vllm.platforms.cpu import CpuPlatform
@@ -16,6 +17,34 @@ from vllm_kunlun.platform.base import KunlunPlatformBase
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+
+
+@dataclass(frozen=True)
+class _MLAChoices:
+    """The user's choices CpuPlatform overrides for MLA models, for its own CPU MLA kernels:
+    block size 16, no chunked prefill, no prefix caching. The plugin's MLA backend has none of
+    those limits, so the emulated platform puts the choices back."""
+
+    block_size: int
+    chunked_prefill: bool | None
+    prefix_caching: bool | None
+    max_num_batched_tokens: int | None
+
+    @classmethod
+    def of(cls, vllm_config: "VllmConfig") -> "_MLAChoices":
+        cache, scheduler = vllm_config.cache_config, vllm_config.scheduler_config
+        return cls(cache.block_size, scheduler.enable_chunked_prefill,
+                   cache.enable_prefix_caching, scheduler.max_num_batched_tokens)  # fmt: skip
+
+    def restore(self, vllm_config: "VllmConfig") -> None:
+        model_config = vllm_config.model_config
+        if model_config is None or not model_config.use_mla:
+            return
+        cache, scheduler = vllm_config.cache_config, vllm_config.scheduler_config
+        cache.block_size = self.block_size
+        cache.enable_prefix_caching = self.prefix_caching
+        scheduler.enable_chunked_prefill = self.chunked_prefill
+        scheduler.max_num_batched_tokens = self.max_num_batched_tokens
 
 
 class EmulatedKunlunPlatform(KunlunPlatformBase, CpuPlatform):
@@ -34,7 +63,9 @@ class EmulatedKunlunPlatform(KunlunPlatformBase, CpuPlatform):
     def check_and_update_config(cls, vllm_config: "VllmConfig") -> None:
         parallel_config = vllm_config.parallel_config
         chosen_executor = parallel_config.distributed_executor_backend
+        mla_choices = _MLAChoices.of(vllm_config)
         super().check_and_update_config(vllm_config)
+        mla_choices.restore(vllm_config)
         if chosen_executor == "uni":
             # CpuPlatform moves a one-worker engine to the multiprocessing executor so that it
             # can bind OpenMP threads in a fresh worker process. A Kunlun XPU runs one worker

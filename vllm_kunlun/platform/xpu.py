@@ -25,9 +25,12 @@ if TYPE_CHECKING:
 
 logger = get_logger("platform")
 
-#: vLLM's attention op, which Kunlun graphs must leave outside every captured piece: the
+#: vLLM's attention ops, which Kunlun graphs must leave outside every captured piece: the
 #: Kunlun kernels read host-side lengths at launch, which a graph would freeze (KUNLUN.md §3.2).
-ATTENTION_SPLITTING_OPS = ("vllm::unified_attention_with_output",)
+ATTENTION_SPLITTING_OPS = (
+    "vllm::unified_attention_with_output",
+    "vllm::unified_mla_attention_with_output",
+)
 
 #: The torch.compile backend on Kunlun: no Inductor and no Triton code generation (§1.6).
 COMPILE_BACKEND = "eager"

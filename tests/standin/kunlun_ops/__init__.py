@@ -11,8 +11,11 @@ reading the caches the way the kernels are inferred to: block id b is page b of 
 cache tensor that was passed, whatever else that memory belongs to.
 
 Where KUNLUN.md records no behaviour, the stand-in assumes vLLM's: swiglu gates the first half,
-negative slots are skipped, a sliding window of w covers w keys including the current one, the
-Gemma norms compute in float32 and round once (vLLM's GemmaRMSNorm).
+negative slots are skipped (by both cache writes), a sliding window of w covers w keys including
+the current one, the Gemma norms compute in float32 and round once (vLLM's GemmaRMSNorm). The MLA
+kernels are assumed to behave as vllm_kunlun/ops/mla/kunlun.py infers: `attention` scales scores
+by alpha / sqrt(head_dim) and writes a natural-log softmax_lse [H, T], `attention_merge_stage`
+takes and writes LSEs [H, T].
 
 KUNLUN_STANDIN_FORM=active|legacy (read at import) selects which recorded signature of rmsnorm and
 add_rmsnorm this module exposes. Calls are counted in CALLS; with KUNLUN_STANDIN_CALLS=<dir> each
@@ -34,8 +37,9 @@ from pathlib import Path
 import torch
 
 from vllm_kunlun.ops.activation import reference as activation
-from vllm_kunlun.ops.attention import reference as attention
+from vllm_kunlun.ops.attention import reference as dense_attention
 from vllm_kunlun.ops.kv_cache import reference as kv_cache
+from vllm_kunlun.ops.mla import reference as mla
 from vllm_kunlun.ops.norm import reference as norm
 from vllm_kunlun.ops.quant import reference as quant
 from vllm_kunlun.ops.rotary import reference as rotary
@@ -225,15 +229,20 @@ rmsnorm = _rmsnorm_active if FORM == "active" else _rmsnorm_legacy
 add_rmsnorm = _add_rmsnorm_active if FORM == "active" else _add_rmsnorm_legacy
 
 
-def _distinct(name: str, t: torch.Tensor, **others: torch.Tensor) -> None:
+def _distinct(
+    name: str,
+    t: torch.Tensor,
+    *,
+    reason: str = "the recorded Gemma caller passes freshly allocated outputs (§2a)",
+    **others: torch.Tensor,
+) -> None:
     """`t` shares no memory with any of `others` (all contiguous, so byte ranges suffice)."""
     start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
     for other_name, other in others.items():
         other_start = other.data_ptr()
         other_end = other_start + other.numel() * other.element_size()
         _expect(end <= other_start or other_end <= start,
-                f"{name} must not alias {other_name}: the recorded Gemma caller passes freshly "
-                "allocated outputs (§2a)")  # fmt: skip
+                f"{name} must not alias {other_name}: {reason}")  # fmt: skip
 
 
 def _gemma_args(x: object, weight: object, eps: object) -> None:
@@ -366,8 +375,9 @@ def speculative_attention(
     _not_modeled("sink", sink)
     window = _window("max_window_size", max_window_size)
     table = _used_blocks(block_tables, lens, block_size, (k_cache, v_cache))
-    attention.decode_attention(out, q[0], k_cache, v_cache, table, context_lens_xpu, lens,
-                               int(lens.max()), max_context_len, scale, window, 0.0)  # fmt: skip
+    dense_attention.decode_attention(out, q[0], k_cache, v_cache, table, context_lens_xpu,
+                                     lens, int(lens.max()), max_context_len, scale, window,
+                                     0.0)  # fmt: skip
 
 
 @_kernel
@@ -407,7 +417,7 @@ def prefill_attention(
     window = _window("swa_left", swa_left)
     _expect(swa_right == (0 if window > 0 else -1), "swa_right must be 0 with a window, else -1")
     table = _used_blocks(block_table, kv_lens, k.shape[2], (k, v))
-    attention.prefill_attention(
+    dense_attention.prefill_attention(
         out, q, k, v, table, context_qlen_lod_xpu, q_lod, kv_lens.to(q.device),
         context_kvlen_lod_xpu, kv_lod, int(q_lens.max()), int(kv_lens.max()),
         alpha / math.sqrt(head_dim), window, 0.0,
@@ -430,9 +440,164 @@ def _dense_bidirectional(q, k, v, out, alpha, lod_cpu, lod_xpu, swa_left, swa_ri
     batch = _tensor("context_qlen_lod_cpu", lod_cpu, 1).numel() - 1
     lod = _lod("context_qlen_lod", lod_cpu, lod_xpu, batch)
     _expect(int(lod[-1]) == num_tokens, "context_qlen_lod must end at the number of tokens")
-    attention.encoder_attention(
+    dense_attention.encoder_attention(
         out, q, k, v, lod_xpu, lod, int(lod.diff().max()), alpha / math.sqrt(head_dim)
     )
+
+
+# Multi-head latent attention (§2d: MLA-specific kernels, the MLA forms of paged_attention and
+# attention, attention_merge_stage) ------------------------------------------------------------
+# The recorded MLA kernels are seen with kv_lora_rank 512 and rope dim 64 only (576-wide cache
+# rows, §3.4), so those are the only sizes accepted. Computed with the MLA family's reference.
+
+MLA_LATENT = 512
+MLA_ROPE = 64
+MLA_ROW = MLA_LATENT + MLA_ROPE
+
+
+def _mla_cache(name: str, cache: object, like: torch.Tensor, ndim: int) -> torch.Tensor:
+    _tensor(name, cache, ndim)
+    _expect(cache.dtype == like.dtype, f"{name} must have dtype {like.dtype}, got {cache.dtype}")
+    _expect(cache.shape[-1] == MLA_ROW, f"{name} rows must be {MLA_ROW} wide ({MLA_LATENT} latent "
+            f"+ {MLA_ROPE} rope), got {tuple(cache.shape)}")  # fmt: skip
+    return cache
+
+
+@_kernel
+def concat_and_cache_mla(kv_c, k_pe, slot_mapping, kv_cache) -> None:
+    """Write each token's row [kv_c | k_pe] into the MLA cache [num_blocks, block_size, 576] at
+    slot = block * block_size + offset: kv_c [T, 512], k_pe [T, 64] (head dim squeezed), the
+    flat slot_mapping [T] as vLLM gives it. Negative (padding) slots are skipped (assumed)."""
+    _tensor("kv_c", kv_c, 2)
+    _floating("kv_c", kv_c)
+    _expect(kv_c.shape[1] == MLA_LATENT, f"kv_c must be [T, {MLA_LATENT}], got {tuple(kv_c.shape)}")
+    _tensor("k_pe", k_pe, 2)
+    _floating("k_pe", k_pe, kv_c.dtype)
+    _expect(
+        tuple(k_pe.shape) == (kv_c.shape[0], MLA_ROPE),
+        f"k_pe must be [T, {MLA_ROPE}] (head dim squeezed), got {tuple(k_pe.shape)}",
+    )
+    _mla_cache("kv_cache", kv_cache, kv_c, 3)
+    _tensor("slot_mapping", slot_mapping, 1)
+    _expect(slot_mapping.dtype in (torch.int32, torch.int64), "slot_mapping must be integers")
+    _expect(slot_mapping.numel() == kv_c.shape[0], "slot_mapping must have one slot per token")
+    if slot_mapping.numel():
+        capacity = kv_cache.shape[0] * kv_cache.shape[1]
+        _expect(int(slot_mapping.max()) < capacity, "slot out of the cache's range")
+    mla.concat_and_cache_mla(kv_c, k_pe, kv_cache, slot_mapping)
+
+
+@_kernel
+def paged_attention(
+    out, q, k_cache, v_cache, block_table, context_lens_cpu, context_lens_xpu, is_context,
+    is_causal, vo_head_dim, kv_lora_rank, qk_rope_head_dim, softmax_scale, /, *, q_r,
+) -> None:  # fmt: skip
+    """The MLA positional form (absorbed decode): q [B, 1, H, 576] with q_r=q (the rope part is
+    q's last 64 columns, inferred), k_cache the MLA cache viewed [num_blocks, 1, block_size, 576],
+    no v_cache (the latent rows are the values), out [B, 1, H, 512] = softmax(q . rows *
+    softmax_scale) rows[:, :512]; context_lens are per-request lengths. The keyword (dense
+    decode) form (x=, ..., out=, vo_head_dim=) is not modeled."""
+    _tensor("q", q, 4)
+    _floating("q", q)
+    batch, qlen, heads, width = q.shape
+    _expect(qlen == 1, "only one query per request (q [B, 1, H, 576]) is modeled")
+    same = isinstance(q_r, torch.Tensor) and q_r.data_ptr() == q.data_ptr()
+    _expect(same and q_r.shape == q.shape, "q_r must be q (the recorded call passes q_r=q)")
+    _expect((kv_lora_rank, qk_rope_head_dim) == (MLA_LATENT, MLA_ROPE),
+            f"kv_lora_rank and qk_rope_head_dim must be {MLA_LATENT} and {MLA_ROPE}, got "
+            f"{kv_lora_rank!r} and {qk_rope_head_dim!r}")  # fmt: skip
+    _expect(width == MLA_ROW, f"q must be [B, 1, H, {MLA_ROW}], got {tuple(q.shape)}")
+    _mla_cache("k_cache", k_cache, q, 4)
+    _expect(k_cache.shape[1] == 1, "k_cache must be viewed [num_blocks, 1, block_size, 576]")
+    _expect(v_cache is None, "the MLA form passes v_cache=None")
+    _expect(is_context is False, "the MLA decode form passes is_context=False")
+    _expect(isinstance(is_causal, bool), "is_causal must be a bool")
+    _expect(vo_head_dim == -1, "the MLA form passes vo_head_dim=-1")
+    _expect(isinstance(softmax_scale, float) and softmax_scale > 0,
+            "softmax_scale must be an explicit float > 0")  # fmt: skip
+    _output("out", out, q, (batch, 1, heads, MLA_LATENT))
+    lens = _host_and_device("context_lens", context_lens_cpu, context_lens_xpu)
+    _expect(lens.numel() == batch, "context_lens must hold one length per request (not a lod)")
+    _expect(bool((lens >= 1).all()), "every request's length counts at least its new token")
+    table = _used_blocks(block_table, lens, k_cache.shape[2], (k_cache,))
+    mla.mla_decode(out[:, 0], q[:, 0], k_cache[:, 0], table, context_lens_xpu, lens,
+                   int(lens.max()), kv_lora_rank, softmax_scale)  # fmt: skip
+
+
+@_kernel
+def attention(
+    *, q, k_cache, v_cache, out, is_causal=True, is_prefill=True, context_seq_lod_cpu,
+    context_seq_lod_xpu, prefill_len=0, k_perchannel_scale=None, v_perchannel_scale=None,
+    smooth=None, slot_mapping_cpu=None, slot_mapping_xpu=None, v_trans=False,
+    v_trans_threshold=0, alpha=1.0, softmax_lse=None,
+) -> None:  # fmt: skip
+    """The MLA prefill form: varlen attention of q [T, H, D] over k_cache / v_cache [T, H, D] (V
+    zero-padded to D by the caller), request r owning rows lod[r]:lod[r + 1] of all three (one
+    lod pair); scores q . k / sqrt(D) * alpha (inferred); softmax_lse float32 [H, T],
+    preallocated with -inf, receives the natural-log LSE (inferred). The legacy 4-D form
+    ([B, T, H, D], no alpha) is not modeled."""
+    _expect(is_prefill is True and prefill_len == 0, "only is_prefill=True, prefill_len=0")
+    _expect(v_trans is False and v_trans_threshold == 0, "only v_trans=False, threshold 0")
+    for name, value in (("k_perchannel_scale", k_perchannel_scale), ("smooth", smooth),
+                        ("v_perchannel_scale", v_perchannel_scale),
+                        ("slot_mapping_cpu", slot_mapping_cpu),
+                        ("slot_mapping_xpu", slot_mapping_xpu)):  # fmt: skip
+        _not_modeled(name, value)
+    _tensor("q", q, 3)
+    _floating("q", q)
+    num_tokens, heads, head_dim = q.shape
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _tensor(name, t, 3)
+        _expect(t.dtype == q.dtype, f"{name} must have dtype {q.dtype}, got {t.dtype}")
+        _expect(t.shape == q.shape, f"{name} must be [T, H, D] like q (one lod pair; V padded "
+                f"to the qk head dim), got {tuple(t.shape)}")  # fmt: skip
+    _output("out", out, q, tuple(q.shape))
+    _expect(isinstance(is_causal, bool), "is_causal must be a bool")
+    _expect(isinstance(alpha, float), "alpha must be a float")
+    _expect(softmax_lse is not None, "the recorded MLA prefill call always passes softmax_lse")
+    _tensor("softmax_lse", softmax_lse, 2)
+    _floating("softmax_lse", softmax_lse, torch.float32)
+    _expect(tuple(softmax_lse.shape) == (heads, num_tokens),
+            f"softmax_lse must be preallocated as [H, T] = {(heads, num_tokens)}")  # fmt: skip
+    _expect(bool(torch.isneginf(softmax_lse).all()), "softmax_lse must be filled with -inf")
+    batch = _tensor("context_seq_lod_cpu", context_seq_lod_cpu, 1).numel() - 1
+    _expect(batch >= 1, "context_seq_lod must describe at least one request")
+    lod = _lod("context_seq_lod", context_seq_lod_cpu, context_seq_lod_xpu, batch)
+    _expect(int(lod[-1]) == num_tokens, "context_seq_lod must end at the number of tokens")
+    longest = int(lod.diff().max())
+    mla.mla_prefill(out, softmax_lse, q, k_cache, v_cache, context_seq_lod_xpu, lod,
+                    context_seq_lod_xpu, lod, longest, longest, alpha / math.sqrt(head_dim),
+                    is_causal)  # fmt: skip
+
+
+@_kernel
+def attention_merge_stage(prefix_output, prefix_lse, suffix_output, suffix_lse, output,
+                          output_lse, /) -> None:  # fmt: skip
+    """Merge two attentions over disjoint keys by their LSEs: outputs [T, H, D], LSEs float32
+    [H, T] (natural log; the layout is inferred), output (and output_lse) after the inputs."""
+    _tensor("prefix_output", prefix_output, 3)
+    _floating("prefix_output", prefix_output)
+    num_tokens, heads, _ = prefix_output.shape
+    _tensor("suffix_output", suffix_output, 3)
+    _floating("suffix_output", suffix_output, prefix_output.dtype)
+    _expect(suffix_output.shape == prefix_output.shape, "the two outputs must have one shape")
+    _output("output", output, prefix_output, tuple(prefix_output.shape))
+    _expect(output_lse is not None, "output_lse=None is not modeled (the binding passes one)")
+    for name, lse in (("prefix_lse", prefix_lse), ("suffix_lse", suffix_lse),
+                      ("output_lse", output_lse)):  # fmt: skip
+        _tensor(name, lse, 2)
+        _floating(name, lse, torch.float32)
+        _expect(
+            tuple(lse.shape) == (heads, num_tokens),
+            f"{name} must be [H, T] = {(heads, num_tokens)}, got {tuple(lse.shape)}",
+        )
+    reason = "vLLM's merge_attn_states writes into separate outputs"
+    _distinct("output", output, reason=reason, prefix_output=prefix_output,
+              suffix_output=suffix_output)  # fmt: skip
+    _distinct("output_lse", output_lse, reason=reason, prefix_lse=prefix_lse,
+              suffix_lse=suffix_lse)  # fmt: skip
+    mla.merge_attention_states(output, output_lse, prefix_output, prefix_lse, suffix_output,
+                               suffix_lse)  # fmt: skip
 
 
 # Mixture of experts (§2f) --------------------------------------------------------------------

@@ -19,14 +19,25 @@ def reshape_and_cache(
     """
     if slot_mapping.numel() == 0:
         return
-    real = slot_mapping >= 0
-    donor = torch.argmax(real.to(torch.uint8))  # the first real token, 0 if there is none
-    token = torch.where(real, torch.arange(real.shape[0], device=real.device), donor)
-    slots = slot_mapping[token].clamp(min=0).long()
+    token, slots, any_real = padding_safe_slots(slot_mapping)
     block_size = key_cache.shape[2]
     blocks, offsets = slots // block_size, slots % block_size
-    any_real = real.any()
     for new, cache in ((key, key_cache), (value, value_cache)):
         rows = new[token].to(cache.dtype)
         rows = torch.where(any_real, rows, cache[blocks, :, offsets])
         cache[blocks, :, offsets] = rows
+
+
+def padding_safe_slots(
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which token each write takes its row from, the slot it goes to, and whether any is real.
+
+    A padding token (negative slot) repeats the write of the first real token; with no real
+    token at all, the caller writes the slot's current contents back (`any_real` is False).
+    """
+    real = slot_mapping >= 0
+    donor = torch.argmax(real.to(torch.uint8))  # the first real token, 0 if there is none
+    token = torch.where(real, torch.arange(real.shape[0], device=real.device), donor)
+    slots = slot_mapping[token].clamp(min=0).long()
+    return token, slots, real.any()
