@@ -50,7 +50,9 @@ def run_mla_model(model, tmp_path, **engine_kwargs) -> tuple[dict, dict[str, int
     plugin ops and listed native layers (the MLA attention layer a plugin op)."""
     stats_dir = tmp_path / "ops"
     env = emulation_env(stats_dir, **route_env(tmp_path))
-    result = run_generation(model, PROMPTS, MAX_TOKENS, env=env, logprobs=TOP, **engine_kwargs)
+    result = run_generation(
+        model, PROMPTS, MAX_TOKENS, env=env, logprobs=TOP, in_process=True, **engine_kwargs
+    )
     assert result["platform"] == "EmulatedKunlunPlatform"
     assert_same_tokens(result["token_ids"], hf_greedy(model, PROMPTS, MAX_TOKENS))
     counts = read_op_stats(stats_dir)

@@ -62,21 +62,27 @@ def assert_logprobs_agree(plugin: list[list[dict]], in_tree: list[list[dict]],
 
 def check_logprobs_against_in_tree(model, prompts: list[str], plugin: list[list[dict]]) -> None:
     in_tree = run_generation(model, prompts, LOGPROB_POSITIONS, env=IN_TREE_ENV, logprobs=TOP,
+                             in_process=True,
                              gpu_memory_utilization=0.3)  # fmt: skip
     assert in_tree["platform"] == "CpuPlatform"
     assert_logprobs_agree(plugin, in_tree["logprobs"])
 
 
 def check_model(model, tmp_path, plugin_ops: tuple[str, ...] = PLUGIN_OPS,
-                rotary_class: str | None = None) -> dict:  # fmt: skip
+                rotary_class: str | None = None, engine_process: bool = False) -> dict:  # fmt: skip
     """Greedy tokens equal transformers, logprobs agree with in-tree, the plugin ops ran, and
-    the route report has only plugin ops and listed native layers (tests/route_checks.py)."""
+    the route report has only plugin ops and listed native layers (tests/route_checks.py).
+    With engine_process, vLLM's engine core runs in a process of its own, as `vllm serve` runs
+    it, and the check includes that process layout; otherwise in the generating process."""
     stats_dir = tmp_path / "ops"
     env = emulation_env(stats_dir, **route_env(tmp_path))
-    result = run_generation(model, PROMPTS, MAX_TOKENS, env=env, logprobs=TOP)
+    result = run_generation(
+        model, PROMPTS, MAX_TOKENS, env=env, logprobs=TOP, in_process=not engine_process
+    )
     assert result["platform"] == "EmulatedKunlunPlatform"
     # One XPU: its worker runs in the engine process (vLLM's "uni" executor), as on a real XPU.
-    assert re.search(r"\(EngineCore pid=\d+\).*Worker 0 runs on emulated XPU 0", result["log"])
+    engine = "EngineCore" if engine_process else "MainProcess"
+    assert re.search(rf"\({engine} pid=\d+\).*Worker 0 runs on emulated XPU 0", result["log"])
     assert_same_tokens(result["token_ids"], hf_greedy(model, PROMPTS, MAX_TOKENS))
     check_logprobs_against_in_tree(model, PROMPTS, result["logprobs"])
     counts = read_op_stats(stats_dir)
@@ -90,7 +96,7 @@ def check_model(model, tmp_path, plugin_ops: tuple[str, ...] = PLUGIN_OPS,
 
 
 def test_default_model_matches_transformers(default_model, tmp_path):
-    counts = check_model(default_model, tmp_path)
+    counts = check_model(default_model, tmp_path, engine_process=True)
     # 30 layers: every step runs attention once per layer.
     assert counts["reshape_and_cache"] % 30 == 0
 
@@ -136,6 +142,7 @@ def test_chunked_prefill_prefix_hits_and_mixed_batches_match_transformers(
     result = run_generation(
         model, prompts, 16, env=emulation_env(tmp_path / "ops"),
         max_num_batched_tokens=64, max_num_seqs=4, enable_prefix_caching=True, block_size=16,
+        in_process=True,
     )  # fmt: skip
     reference = hf_greedy(model, prompts, 16)
     for got, want, prompt in zip(result["token_ids"], reference, prompts, strict=True):
@@ -145,7 +152,7 @@ def test_chunked_prefill_prefix_hits_and_mixed_batches_match_transformers(
 def test_sliding_window_matches_transformers(tiny_model_factory, tmp_path):
     model = tiny_model_factory("mistral")
     env = emulation_env(tmp_path / "ops", **route_env(tmp_path))
-    result = run_generation(model, LONG_PROMPTS, 16, env=env, logprobs=TOP)
+    result = run_generation(model, LONG_PROMPTS, 16, env=env, logprobs=TOP, in_process=True)
     assert result["token_ids"] == hf_greedy(model, LONG_PROMPTS, 16)
     check_logprobs_against_in_tree(model, LONG_PROMPTS, result["logprobs"])
     assert_only_plugin_ops_and_listed_native_layers(

@@ -94,7 +94,7 @@ def test_ernie45_moe_biased_routing_matches_transformers(tiny_model_factory, tmp
     model = tiny_model_factory("ernie-moe")
     stats_dir = tmp_path / "ops"
     env = emulation_env(stats_dir, **route_env(tmp_path))
-    result = run_generation(model, PROMPTS, MAX_TOKENS, env=env, logprobs=TOP)
+    result = run_generation(model, PROMPTS, MAX_TOKENS, env=env, logprobs=TOP, in_process=True)
     assert result["platform"] == "EmulatedKunlunPlatform"
     assert_same_tokens(result["token_ids"], hf_greedy(model, PROMPTS, MAX_TOKENS))
     counts = read_op_stats(stats_dir)

@@ -84,7 +84,7 @@ def assert_same_tokens_up_to_near_ties(plugin: list[list[int]], model) -> None:
 def check_quantized(model, scheme: str, tmp_path, *, in_tree: bool, enforce_eager: bool) -> dict:
     stats_dir = tmp_path / "ops"
     env = emulation_env(stats_dir, **route_env(tmp_path))
-    result = run_generation(model, PROMPTS, MAX_TOKENS, env=env, logprobs=TOP,
+    result = run_generation(model, PROMPTS, MAX_TOKENS, env=env, logprobs=TOP, in_process=True,
                             enforce_eager=enforce_eager)  # fmt: skip
     assert result["platform"] == "EmulatedKunlunPlatform"
     assert_same_tokens_up_to_near_ties(result["token_ids"], model)
@@ -100,7 +100,8 @@ def check_quantized(model, scheme: str, tmp_path, *, in_tree: bool, enforce_eage
     assert not native_linear, native_linear
     if in_tree:
         reference = run_generation(model, PROMPTS, LOGPROB_POSITIONS, env=IN_TREE_ENV,
-                                   logprobs=TOP, gpu_memory_utilization=0.3)  # fmt: skip
+                                   logprobs=TOP, gpu_memory_utilization=0.3,
+                                   in_process=True)  # fmt: skip
         assert reference["platform"] == "CpuPlatform"
         assert_logprobs_agree(result["logprobs"], reference["logprobs"], QUANT_LOGPROB_TOLERANCE)
     return counts
@@ -163,7 +164,7 @@ def test_weight_only_4bit_prompt_logprobs_match_in_tree(scheme, quantized_model,
     figures = {}
     for name, env in (("plugin", emulation_env(tmp_path / "ops")), ("in-tree", IN_TREE_ENV)):
         result = run_generation(model, PROMPTS, 1, env=env, dtype="bfloat16", prompt_logprobs=0,
-                                gpu_memory_utilization=0.3)  # fmt: skip
+                                gpu_memory_utilization=0.3, in_process=True)  # fmt: skip
         figures[name] = [lp for prompt in result["prompt_logprobs"] for lp in prompt[1:]]
     assert read_op_stats(tmp_path / "ops").get("wna16_gemm", 0) > 0
     gaps = [abs(a - b) for a, b in zip(figures["plugin"], figures["in-tree"], strict=True)]
@@ -194,7 +195,7 @@ def test_quantized_moe_matches_fake_quantized_transformers(
     model = quantized_model(arch, scheme)
     stats_dir = tmp_path / "ops"
     env = emulation_env(stats_dir, **route_env(tmp_path))
-    result = run_generation(model, PROMPTS, MAX_TOKENS, env=env)
+    result = run_generation(model, PROMPTS, MAX_TOKENS, env=env, in_process=True)
     assert_same_tokens_up_to_near_ties(result["token_ids"], model)
     counts = read_op_stats(stats_dir)
     assert counts.get(op, 0) > 0 and counts.get("moe_experts", 0) == 0, counts
