@@ -244,9 +244,12 @@ class KunlunMLAImpl(MLACommonImpl[KunlunMLAMetadata]):
         """
         context = prefill.chunked_context
         assert context is not None and prefill.prefill_backend is not None
-        num_tokens = q.shape[0]
-        out = q.new_zeros(num_tokens, self.num_heads, self.v_head_dim)
-        lse = torch.full((self.num_heads, num_tokens), float("-inf"), device=q.device)
+        # One chunk covering every query needs no running result to merge into.
+        single = len(context.chunks) == 1 and not context.empty_token_slices
+        if not single:
+            num_tokens = q.shape[0]
+            out = q.new_zeros(num_tokens, self.num_heads, self.v_head_dim)
+            lse = torch.full((self.num_heads, num_tokens), float("-inf"), device=q.device)
         rank = self.kv_lora_rank
         for chunk in context.chunks:
             rows = context.workspace[: chunk.num_context_tokens]
@@ -259,8 +262,8 @@ class KunlunMLAImpl(MLACommonImpl[KunlunMLAMetadata]):
             chunk_out, chunk_lse = prefill.prefill_backend.run_prefill_context_chunk(
                 chunk=chunk, q=q[tokens], k=key, v=value
             )
-            if len(context.chunks) == 1 and not context.empty_token_slices:
-                return chunk_out, chunk_lse  # one chunk covering every query: nothing to merge
+            if single:
+                return chunk_out, chunk_lse
             merged, merged_lse = torch.empty_like(chunk_out), torch.empty_like(chunk_lse)
             mla_ops.merge_attention_states(merged, merged_lse, out[tokens], lse[:, tokens],
                                            chunk_out, chunk_lse)  # fmt: skip

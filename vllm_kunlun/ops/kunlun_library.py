@@ -15,6 +15,7 @@ public baidu/vLLM-Kunlun plugin, kunlun_ops 0.1.58). What this module gives the 
 
 import importlib
 import inspect
+import math
 import sys
 from collections.abc import Callable, Mapping
 from types import ModuleType
@@ -89,6 +90,17 @@ def check_keywords(expected: Mapping[str, tuple[str, ...]]) -> None:
 def dense(t: torch.Tensor) -> torch.Tensor:
     """Kunlun kernels read raw pointers (KUNLUN.md C1): hand them contiguous memory."""
     return t if t.is_contiguous() else t.contiguous()
+
+
+def int32(t: torch.Tensor) -> torch.Tensor:
+    """Lengths, lods and block tables as the kernels read them: contiguous int32 (C1, C5)."""
+    return dense(t.to(torch.int32))
+
+
+def attention_alpha(scale: float, head_size: int) -> float:
+    """The attention kernels scale scores by 1/sqrt(head_dim) themselves, then by alpha (§2d,
+    inferred): the alpha that gives softmax scale `scale`."""
+    return scale * math.sqrt(head_size)
 
 
 def write_back(dst: torch.Tensor, src: torch.Tensor) -> None:

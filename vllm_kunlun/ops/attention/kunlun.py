@@ -11,11 +11,16 @@ contract-tested only. Assumptions (KUNLUN.md §4):
   which is why attention is a splitting op of piecewise graphs.
 """
 
-import math
-
 import torch
 
-from vllm_kunlun.ops.kunlun_library import check_keywords, dense, library, write_back
+from vllm_kunlun.ops.kunlun_library import (
+    attention_alpha,
+    check_keywords,
+    dense,
+    int32,
+    library,
+    write_back,
+)
 from vllm_kunlun.ops.kv_cache.kunlun import PagedKV
 
 KEYWORDS = {
@@ -48,15 +53,6 @@ def _no_softcap(softcap: float) -> None:
         )
 
 
-def _lod(t: torch.Tensor) -> torch.Tensor:
-    return dense(t.to(torch.int32))
-
-
-def _alpha(scale: float, head_size: int) -> float:
-    """The kernel scales scores by 1/sqrt(head_dim) itself, then by alpha."""
-    return scale * math.sqrt(head_size)
-
-
 def decode_attention(
     out: torch.Tensor,
     query: torch.Tensor,
@@ -81,8 +77,8 @@ def decode_attention(
         q=dense(query).unsqueeze(0),
         k_cache=kv.k,
         v_cache=kv.v,
-        context_lens_cpu=_lod(seq_lens_cpu),
-        context_lens_xpu=_lod(seq_lens),
+        context_lens_cpu=int32(seq_lens_cpu),
+        context_lens_xpu=int32(seq_lens),
         batch_num=batch,
         qlen=1,
         max_context_len=max_model_len,
@@ -126,9 +122,9 @@ def prefill_attention(
         v=kv.v,
         out=dst,
         is_causal=True,
-        alpha=_alpha(scale, query.shape[-1]),
-        context_qlen_lod_cpu=_lod(query_start_loc_cpu),
-        context_qlen_lod_xpu=_lod(query_start_loc),
+        alpha=attention_alpha(scale, query.shape[-1]),
+        context_qlen_lod_cpu=int32(query_start_loc_cpu),
+        context_qlen_lod_xpu=int32(query_start_loc),
         alibi_slopes=None,
         softmax_lse=None,
         swa_left=window,
@@ -136,8 +132,8 @@ def prefill_attention(
         sink=None,
         is_prefix_cache=True,
         block_table=kv.block_table(block_table),
-        context_kvlen_lod_cpu=_lod(seq_start_loc_cpu),
-        context_kvlen_lod_xpu=_lod(seq_start_loc),
+        context_kvlen_lod_cpu=int32(seq_start_loc_cpu),
+        context_kvlen_lod_xpu=int32(seq_start_loc),
     )
     write_back(out, dst)
 
@@ -161,9 +157,9 @@ def encoder_attention(
         v=dense(value),
         out=dst,
         is_causal=False,
-        alpha=_alpha(scale, query.shape[-1]),
-        context_qlen_lod_cpu=_lod(query_start_loc_cpu),
-        context_qlen_lod_xpu=_lod(query_start_loc),
+        alpha=attention_alpha(scale, query.shape[-1]),
+        context_qlen_lod_cpu=int32(query_start_loc_cpu),
+        context_qlen_lod_xpu=int32(query_start_loc),
         alibi_slopes=None,
         softmax_lse=None,
         swa_left=-1,

@@ -69,7 +69,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from vllm_kunlun.ops.kunlun_library import check_keywords, dense, function, library, parameters
+from vllm_kunlun.ops.kunlun_library import (
+    attention_alpha,
+    check_keywords,
+    dense,
+    function,
+    int32,
+    library,
+    parameters,
+    write_back,
+)
 from vllm_kunlun.ops.mla import reference
 
 #: The only latent sizes the recorded MLA kernels are seen with (DeepSeek-V2/V3).
@@ -135,20 +144,11 @@ def _recorded_dimensions(kv_lora_rank: int, qk_rope_head_dim: int) -> None:
         raise NotImplementedError(f"vllm-kunlun's Kunlun binding: {problem}")
 
 
-def _int32(t: torch.Tensor) -> torch.Tensor:
-    return dense(t.to(torch.int32))
-
-
 def _output_buffer(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`t` itself when a kernel can write it (contiguous, `dtype`), else a scratch to copy back."""
     if t.is_contiguous() and t.dtype == dtype:
         return t
     return torch.empty(t.shape, dtype=dtype, device=t.device)
-
-
-def _copy_back(dst: torch.Tensor, src: torch.Tensor) -> None:
-    if src is not dst:
-        dst.copy_(src)
 
 
 def concat_and_cache_mla(
@@ -166,7 +166,7 @@ def concat_and_cache_mla(
     library().concat_and_cache_mla(
         dense(kv_c.to(cache.dtype)), dense(k_pe.to(cache.dtype)), dense(slot_mapping), cache
     )
-    _copy_back(kv_cache, cache)
+    write_back(kv_cache, cache)
 
 
 def mla_decode(
@@ -180,7 +180,8 @@ def mla_decode(
     kv_lora_rank: int,
     scale: float,
 ) -> None:
-    _recorded_dimensions(kv_lora_rank, query.shape[-1] - kv_lora_rank)
+    rope_dim = query.shape[-1] - kv_lora_rank
+    _recorded_dimensions(kv_lora_rank, rope_dim)
     if query.shape[0] == 0:
         return
     cache = dense(kv_cache)
@@ -191,18 +192,18 @@ def mla_decode(
         q,
         cache.unsqueeze(1),  # k_cache [num_blocks, 1, block_size, L + R]
         None,  # v_cache: the latent rows are the values
-        _int32(block_table),
-        _int32(seq_lens_cpu),  # context_lens_cpu: per-request lengths
-        _int32(seq_lens),  # context_lens_xpu
+        int32(block_table),
+        int32(seq_lens_cpu),  # context_lens_cpu: per-request lengths
+        int32(seq_lens),  # context_lens_xpu
         False,  # is_context
         True,  # is_causal
         -1,  # vo_head_dim
         kv_lora_rank,
-        query.shape[-1] - kv_lora_rank,  # qk_rope_head_dim
+        rope_dim,  # qk_rope_head_dim
         float(scale),  # softmax_scale
         q_r=q,
     )
-    _copy_back(out, dst)
+    write_back(out, dst)
 
 
 # No recorded kunlun_ops kernel: KUNLUN.md records xspeedgate_ops.gather_and_maybe_dequant_cache,
@@ -272,8 +273,8 @@ def mla_prefill(
         out=attn_out,
         is_causal=True,
         is_prefill=True,
-        context_seq_lod_cpu=_int32(query_start_loc_cpu),
-        context_seq_lod_xpu=_int32(query_start_loc),
+        context_seq_lod_cpu=int32(query_start_loc_cpu),
+        context_seq_lod_xpu=int32(query_start_loc),
         prefill_len=0,
         k_perchannel_scale=None,
         v_perchannel_scale=None,
@@ -282,12 +283,12 @@ def mla_prefill(
         slot_mapping_xpu=None,
         v_trans=False,
         v_trans_threshold=0,
-        alpha=float(scale) * math.sqrt(qk_dim),  # the kernel applies 1/sqrt(Dqk) itself
+        alpha=attention_alpha(float(scale), qk_dim),
         softmax_lse=softmax_lse,
     )
     out.copy_(attn_out[..., :v_dim])
     if lse is not None:
-        _copy_back(lse, softmax_lse)
+        write_back(lse, softmax_lse)
 
 
 def merge_attention_states(
@@ -314,6 +315,6 @@ def merge_attention_states(
         dst,  # output, after the inputs
         dst_lse,  # output_lse
     )
-    _copy_back(out, dst)
+    write_back(out, dst)
     if out_lse is not None:
-        _copy_back(out_lse, dst_lse)
+        write_back(out_lse, dst_lse)
