@@ -31,6 +31,7 @@ def run_generation(
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
     embed: bool = False,
+    memory: bool = False,
     in_process: bool = False,
     **engine_kwargs,
 ) -> dict:
@@ -39,6 +40,9 @@ def run_generation(
     `prompt_logprobs` set, "prompt_logprobs": per prompt, each prompt token's logprob given its
     prefix, None for the first token).
     With embed=True the model is a pooling model and the result holds "embeddings" instead.
+    With memory=True it also holds "memory": each worker's kunlun_memory_report and the
+    engine's KV-cache block count (with in_process=True, where the engine's config is this
+    process's).
 
     `env` entries are added to (or, with value None, removed from) the current environment.
     in_process=True runs vLLM's engine core in the generating process instead of a process of
@@ -47,7 +51,7 @@ def run_generation(
     """
     spec = {"model": str(model), "prompts": prompts, "max_tokens": max_tokens, "dtype": dtype,
             "engine_kwargs": engine_kwargs, "logprobs": logprobs,
-            "prompt_logprobs": prompt_logprobs, "embed": embed}  # fmt: skip
+            "prompt_logprobs": prompt_logprobs, "embed": embed, "memory": memory}  # fmt: skip
     child_env = dict(os.environ)
     if in_process:
         child_env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"

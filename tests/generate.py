@@ -4,8 +4,9 @@ Used by the tests (tests/engine.py) so every engine starts in its own process wi
 environment. Usage: python -m tests.generate SPEC_JSON  where SPEC_JSON holds
 {"model", "prompts", "max_tokens", "dtype", "engine_kwargs"} and optionally "logprobs" (top-k
 per generated position, returned as token-id -> logprob dicts), "prompt_logprobs" (any int:
-return, per prompt, the logprob of each prompt token given its prefix, None for the first) or
-"embed" (embed the prompts with a pooling model instead of generating). Prompts are strings or
+return, per prompt, the logprob of each prompt token given its prefix, None for the first),
+"embed" (embed the prompts with a pooling model instead of generating) or "memory" (add each
+worker's kunlun_memory_report and the engine's KV-cache block count). Prompts are strings or
 {"prompt_token_ids": [...]}; engines are eager unless engine_kwargs says otherwise.
 """
 
@@ -40,6 +41,11 @@ def main() -> None:
              for position in o.outputs[0].logprobs]
             for o in outputs
         ]  # fmt: skip
+    if spec.get("memory"):  # what each worker's emulated XPU holds, and the engine's KV cache
+        cache = llm.llm_engine.vllm_config.cache_config
+        result["memory"] = {"workers": llm.collective_rpc("kunlun_memory_report"),
+                            "num_gpu_blocks": cache.num_gpu_blocks,
+                            "kv_cache_size_tokens": cache.kv_cache_size_tokens}  # fmt: skip
     if spec.get("prompt_logprobs") is not None:
         result["prompt_logprobs"] = [
             [None if position is None else position[token].logprob

@@ -6,6 +6,7 @@
     vllm-kunlun doctor                         check the set-up; exit status 1 if it cannot serve
     vllm-kunlun check-kernels                  every kernel against the reference (no vLLM needed)
     vllm-kunlun quantize SRC DST --scheme S    write a quantized copy of a checkpoint folder
+    vllm-kunlun plan MODEL [vLLM flags]        will it fit: memory per device, context, concurrency
 
 Add --emulate (or set VLLM_KUNLUN_EMULATE=1) to run on the emulated XPU on the host CPU.
 """
@@ -17,7 +18,7 @@ from vllm_kunlun import envs
 from vllm_kunlun.supervisor import CHILD_FLAG, supervise
 
 EMULATE_FLAG = "--emulate"
-PLUGIN_COMMANDS = ("default-model", "doctor", "check-kernels", "quantize")
+PLUGIN_COMMANDS = ("default-model", "doctor", "check-kernels", "quantize", "plan")
 NEEDS_DEVICE = ("serve", "bench", "run-batch")
 
 
@@ -75,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         from vllm_kunlun.model_zoo.quantized import main as quantize_main
 
         return quantize_main(args[1:])
+
+    if args[:1] == ["plan"]:
+        from vllm_kunlun.plan.cli import main as plan_main
+
+        return plan_main(args[1:])
 
     from vllm_kunlun import device
 

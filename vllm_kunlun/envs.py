@@ -4,7 +4,9 @@ All reads go through this module so the documentation (docs/configuration.md) ca
 against one list.
 """
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,3 +115,22 @@ def visible_device_indices(available: int) -> list[int]:
             f"device(s) exist (indices 0..{available - 1})."
         )
     return indices
+
+
+def _set(values: dict[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@contextlib.contextmanager
+def overridden(values: dict[str, str | None]) -> Iterator[None]:
+    """Set (or, with None, unset) environment variables for the duration; restore them after."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        _set(values)
+        yield
+    finally:
+        _set(saved)

@@ -20,6 +20,7 @@ from vllm.v1.worker.gpu_worker import Worker
 from vllm_kunlun import envs
 from vllm_kunlun.device import EmulatedRuntime, current_runtime
 from vllm_kunlun.log import get_logger
+from vllm_kunlun.model_bytes import device_weight_bytes
 from vllm_kunlun.worker import (
     OpStatsMixin,
     check_routes,
@@ -86,11 +87,10 @@ class EmulatedKunlunWorker(OpStatsMixin, CPUWorker):
         return index
 
     def load_model(self, *args, **kwargs) -> None:
-        # Measured rather than summed over parameters: vLLM's CPU GEMM packs linear weights
-        # into its own buffers and drops them from the module.
-        before = _rss_bytes()
         super().load_model(*args, **kwargs)
-        self.weights_bytes = max(0, _rss_bytes() - before)
+        # What a Kunlun XPU would hold: the model's tensors, with the linear weights vLLM's CPU
+        # GEMM repacked into host-only buffers counted at their own size (model_bytes).
+        self.weights_bytes = device_weight_bytes(self.model_runner.get_model())
         self.runtime.record_allocation(self.device_index, self.weights_bytes)
         check_routes(self.model_runner.get_model(), global_rank(self.parallel_config, self.rank))
 
@@ -108,6 +108,7 @@ class EmulatedKunlunWorker(OpStatsMixin, CPUWorker):
         else:
             self.model_runner.profile_run()
         activations = max(0, _peak_rss_bytes() - rss_before)
+        self.activation_bytes = activations
 
         if explicit is not None:
             kv_bytes = explicit
@@ -133,5 +134,17 @@ class EmulatedKunlunWorker(OpStatsMixin, CPUWorker):
 
     def initialize_from_config(self, kv_cache_config) -> None:
         super().initialize_from_config(kv_cache_config)
-        kv_bytes = sum(t.size for t in kv_cache_config.kv_cache_tensors)
-        self.runtime.record_allocation(self.device_index, kv_bytes)
+        self.kv_cache_bytes = sum(t.size for t in kv_cache_config.kv_cache_tensors)
+        self.runtime.record_allocation(self.device_index, self.kv_cache_bytes)
+
+    def kunlun_memory_report(self) -> dict[str, int]:
+        """What this worker's emulated XPU holds, in bytes (for `collective_rpc`)."""
+        return {
+            "device": self.device_index,
+            "total": self.runtime.total_memory(self.device_index),
+            "weights": self.weights_bytes,
+            "activations": getattr(self, "activation_bytes", 0),
+            "kv_cache": getattr(self, "kv_cache_bytes", 0),
+            "in_use": self.runtime.total_memory(self.device_index)
+            - self.runtime.free_memory(self.device_index),
+        }
